@@ -1,0 +1,124 @@
+"""Config composition, the typed schema and the job spec's refusals (all before any heavy work)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainkit.cli import check_overrides
+from trainkit.config import ConfigError, register_schema
+from trainkit.spec import build_job_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+def test_cfg_job_prints_composed_config_with_every_shape_override():
+    shape = {
+        "hidden_size": 256,
+        "num_layers": 3,
+        "num_heads": 8,
+        "num_kv_heads": 2,
+        "intermediate_size": 640,
+        "vocab_size": 1000,
+        "tie_embeddings": False,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 1024,
+    }
+    args = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shape.items()]
+    out = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    printed = yaml.safe_load(out)
+    assert {k: printed["model"][k] for k in shape} == shape
+    assert set(printed) == {"model", "data", "optim", "precision", "train", "logging", "cache_dir"}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("+train.foo=1", "unknown config key 'train.foo'"),
+        ("+foo.bar=1", "unknown config key 'foo.bar': 'foo' is no config section"),
+        ("logging.wandb.enabld=true", "unknown config key 'logging.wandb.enabld': logging.wandb takes enabled"),
+        ("train.steps=abc", "train.steps: Value 'abc'"),
+        ("model.tie_embeddings=maybe", "model.tie_embeddings: Value 'maybe' is not a valid bool"),
+        ("model=nope", "In 'train': Could not find 'model/nope': pick model= one of"),
+        ("data=jsonl_chat", "data.source has no value"),
+    ],
+)
+def test_composition_errors_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
+        check_overrides([override])
+    assert "\n" not in str(info.value)
+
+
+def test_good_overrides_pass_and_hydra_flags_are_skipped():
+    check_overrides(["--cfg", "job", "model=llama3_2_1b", "train.steps=5", "hydra.run.dir=x"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.seq_len=9000"], "data.seq_len=9000 exceeds model.max_position_embeddings=8192"),
+        (["data.seq_len=1"], "data.seq_len=1 must be at least 2"),
+        (["train.steps=0"], "train.steps=0 must be > 0"),
+        (["train.micro_batch_size=-1"], "train.micro_batch_size=-1 must be > 0"),
+        (["model.num_kv_heads=2"], "model.num_heads=9 is not a multiple of model.num_kv_heads=2"),
+        (["model.num_heads=7", "model.num_kv_heads=7"], "model.hidden_size=576 is not divisible by model.num_heads=7"),
+        (["model.source=null"], "model.source is null"),
+        (["data.kind=dialog"], "data.kind='dialog'"),
+        (["data.format=csv"], "data.format='csv'"),
+        (["precision.compute_dtype=float8"], "precision.compute_dtype='float8'"),
+        (["precision.compute_dtype=float16"], "precision.compute_dtype=float16 without precision.grad_scaler=true"),
+        (["optim.name=sgd"], "optim.name='sgd'"),
+        (["optim.warmup_steps=500"], "optim.warmup_steps=500 must be below train.steps"),
+        (["train.device=tpu"], "train.device='tpu'"),
+    ],
+)
+def test_spec_refuses_bad_values(tmp_path, overrides, expected):
+    cfg = compose(f"train.output_dir={tmp_path / 'run'}", *overrides)
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
+        build_job_spec(cfg, world_size=1)
+    assert "\n" not in str(info.value)
+
+
+def test_cuda_requested_without_gpu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = compose(f"train.output_dir={tmp_path}", "train.device=cuda")
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        build_job_spec(cfg, world_size=1)
+
+
+def test_output_dir_holding_a_run_is_protected(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    cfg = compose(f"train.output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="already holds a run: pass train.resume=true"):
+        build_job_spec(cfg, world_size=1)
+    for escape in ("train.resume=true", "train.overwrite=true"):
+        build_job_spec(compose(f"train.output_dir={tmp_path}", escape), world_size=1)
+
+
+def test_spec_derives_batch_and_dtypes(tmp_path):
+    cfg = compose(
+        f"train.output_dir={tmp_path / 'run'}",
+        "precision=bf16",
+        "train.micro_batch_size=3",
+        "train.grad_accum_steps=2",
+        "data.seq_len=128",
+    )
+    spec = build_job_spec(cfg, world_size=4)
+    assert spec.global_batch_size == 24
+    assert spec.tokens_per_step == 24 * 128
+    assert str(spec.compute_dtype) == "torch.bfloat16" and str(spec.param_dtype) == "torch.float32"

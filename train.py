@@ -1,0 +1,41 @@
+"""trainkit's entry point: ``python train.py [group=option ...] [key=value ...]``.
+
+``python train.py --cfg job`` prints the composed config; ``torchrun --nproc_per_node=N train.py``
+runs data parallel. Bad input ends with one line on stderr that names the fix, and exit code 2.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from trainkit.cli import check_overrides
+from trainkit.config import ConfigError, register_schema
+
+register_schema()
+
+
+def fail(err: ConfigError) -> None:
+    print(f"trainkit: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from trainkit.spec import build_job_spec
+
+    try:
+        spec = build_job_spec(cfg)
+        from trainkit.trainer import train  # heavy imports only once the config is known to be good
+
+        train(spec)
+    except ConfigError as err:
+        fail(err)
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        fail(err)
+    main()

@@ -1,0 +1,1 @@
+"""trainkit: config schema, job spec, model, data, loop, checkpoints and metrics."""

