@@ -100,7 +100,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     eval_every: int = 0  # 0: only after the last step
-    eval_batches: int = 8
+    eval_batches: int = 8  # global batches of eval rows per evaluation
     checkpoint_every: int = 0  # 0: only after the last step
     log_every: int = 1
     seed: int = 0

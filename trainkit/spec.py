@@ -83,7 +83,7 @@ def _check_model(m) -> None:
     )
 
 
-def _check_data(d, max_positions: int) -> None:
+def check_data(d, max_positions: int) -> None:
     _require(d.format in DATA_FORMATS, f"data.format={d.format!r}: use one of {', '.join(DATA_FORMATS)}")
     _require(d.kind in DATA_KINDS, f"data.kind={d.kind!r}: use one of {', '.join(DATA_KINDS)}")
     _require(d.sample_by in SAMPLE_BY, f"data.sample_by={d.sample_by!r}: use one of {', '.join(SAMPLE_BY)}")
@@ -137,7 +137,7 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
     _positive(t, "steps micro_batch_size grad_accum_steps eval_batches log_every", "train")
     _require(t.eval_every >= 0 and t.checkpoint_every >= 0, "train.eval_every and train.checkpoint_every must be >= 0")
     _check_model(cfg.model)
-    _check_data(cfg.data, cfg.model.max_position_embeddings)
+    check_data(cfg.data, cfg.model.max_position_embeddings)
     _check_optim(cfg.optim, t.steps)
     device_type = _device_type(t.device)
     param_dtype = _dtype("precision.param_dtype", p.param_dtype)

