@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from parallel.mesh import World
 from trainkit.model import Transformer, materialize
+from trainkit.spec import JobSpec
 
 
 def apply_ddp(model: nn.Module, world: World) -> DistributedDataParallel:
@@ -18,8 +19,9 @@ def apply_ddp(model: nn.Module, world: World) -> DistributedDataParallel:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def parallelize(model: Transformer, world: World) -> nn.Module:
-    materialize(model, world.device)
+def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
+    # Weights (and so optimizer states) in precision.param_dtype; autocast computes in compute_dtype.
+    materialize(model, world.device, spec.param_dtype)
     if world.size > 1:
         return apply_ddp(model, world)
     return model

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from trainkit.config import register_schema
@@ -123,7 +124,6 @@ def test_default_job_fine_tunes_real_smollm2(cache_dir, tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(step)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
 
-    import torch
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
@@ -169,3 +169,32 @@ def test_existing_run_is_not_written_over(cache_dir, tmp_path):
     result = run_cli(cache_dir, f"train.output_dir={run}")
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_wandb_is_imported_only_when_enabled(tmp_path):
+    """Off by default and never imported then; when enabled it logs offline beside metrics.jsonl."""
+    from trainkit.config import LoggingConfig, WandbConfig
+    from trainkit.metrics import MetricsLog
+
+    probe = "import sys, pathlib, trainkit.trainer, trainkit.metrics as m, trainkit.config as c; "
+    probe += "m.MetricsLog(pathlib.Path(sys.argv[1]), c.LoggingConfig(), {}); print('wandb' in sys.modules)"
+    off = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert off.stdout.strip() == "False", off.stderr[-2000:]
+
+    log = MetricsLog(tmp_path, LoggingConfig(wandb=WandbConfig(enabled=True)), {"model": "tiny"})
+    log.write({"step": 1, "loss": 2.5})
+    log.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}]
+
+
+def test_param_dtype_sets_master_weights_and_keeps_rope_in_float32(cache_dir, tmp_path):
+    spec = spec_for(
+        cache_dir, f"train.output_dir={tmp_path}", "train.steps=2", "precision.param_dtype=bfloat16", "train.eval_batches=1"
+    )
+    trainer = Trainer(spec)
+    record = trainer.fit()
+    trainer.close()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    assert trainer.model.inv_freq.dtype == torch.float32
+    assert record["step"] == 2 and 0 < record["loss"] < 20

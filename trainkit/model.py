@@ -141,8 +141,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Random init in place; also fills the non-persistent RoPE buffer after ``to_empty``."""
-        self.inv_freq.copy_(rope_inv_freq(self.cfg, device=self.inv_freq.device))
+        """Random init in place; also refills the RoPE buffer, in float32 whatever the weights' dtype."""
+        self.register_buffer("inv_freq", rope_inv_freq(self.cfg, device=self.inv_freq.device), persistent=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
@@ -184,8 +184,9 @@ def build_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def materialize(model: Transformer, device: torch.device) -> Transformer:
+def materialize(model: Transformer, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
     model.to_empty(device=device)
+    model.to(dtype=dtype)
     model.tie_weights()
     model.init_weights()
     return model

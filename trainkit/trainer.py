@@ -77,7 +77,7 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_rows), spec.global_batch_size, cfg.data.seed)
 
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and world size
-        self.model = parallelize(build_model(cfg.model), self.world)
+        self.model = parallelize(build_model(cfg.model), spec, self.world)
         if weights_dir is not None:
             load_hf_weights(unwrap(self.model), weights_dir)
         self.optimizer = build_optimizer(self.model, spec)
