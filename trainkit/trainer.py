@@ -8,57 +8,37 @@ same gradients as one process.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from parallel.engine import TorchEngine
 from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_world
-from parallel.parallelize import parallelize, unwrap
+from parallel.parallelize import activation_offload, loss_context, parallelize, unwrap
 from trainkit.checkpoint import Checkpointer
 from trainkit.data import StepSampler, TokenRows, build_datasets
 from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flops
 from trainkit.model import build_model
 from trainkit.spec import JobSpec
-from trainkit.weights import check_model_matches, export_hf, load_hf_weights, load_tokenizer, prepare_hf_folder
-
-
-def lr_lambda(spec: JobSpec):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak (or constant)."""
-    o, steps = spec.cfg.optim, spec.cfg.train.steps
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        if o.schedule == "constant":
-            return 1.0
-        progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.AdamW:
-    """AdamW without weight decay on vectors (norms, biases); fused kernels on CUDA."""
-    o = spec.cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    fused = o.fused if o.fused is not None else spec.device_type == "cuda"
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused, foreach=None if fused else True)
+from trainkit.weights import (
+    check_model_matches,
+    load_hf_weights,
+    load_tokenizer,
+    prepare_hf_folder,
+    save_hf_state_dict,
+)
 
 
 class Trainer:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         cfg = spec.cfg
-        self.world: World = init_world(spec.device_type)
+        self.world: World = init_world(spec.device_type, spec.dims)
         self.out: Path = spec.output_dir
         # Rank 0 converts weights and tokenizes first; the others wait, then read its caches.
         if not self.world.is_main:
@@ -80,13 +60,11 @@ class Trainer:
         self.model = parallelize(build_model(cfg.model), spec, self.world)
         if weights_dir is not None:
             load_hf_weights(unwrap(self.model), weights_dir)
-        self.optimizer = build_optimizer(self.model, spec)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
-        self.scaler = torch.amp.GradScaler(spec.device_type, enabled=cfg.precision.grad_scaler)
+        self.engine = TorchEngine(self.model, spec)
         self.checkpointer = Checkpointer(self.out, self.world)
         self.step = 0
         if cfg.train.resume and (latest := self.checkpointer.latest()) is not None:
-            self.step = self.checkpointer.load(latest, self.model, self.optimizer, self.scheduler, self.scaler)
+            self.step = self.checkpointer.load(latest, self.engine)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.world.device, cfg.logging)
         self.metrics = None
@@ -111,37 +89,34 @@ class Trainer:
                 position_ids=batch["position_ids"],
                 document_ids=batch["document_ids"] if packed else None,
             )
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+        # Under tensor parallelism the loss of vocabulary-sharded logits is a replicated DTensor.
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
     def _to_device(self, rows: TokenRows, indices: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.world.device, non_blocking=True) for k, v in rows.batch(indices).items()}
 
     def train_step(self) -> dict:
-        t = self.spec.cfg.train
-        micro = self.sampler.micro_batches(self.step, self.world.rank, self.world.size, t.grad_accum_steps)
+        t, world = self.spec.cfg.train, self.world
+        micro = self.sampler.micro_batches(self.step, world.dp_rank, self.spec.dp_size, t.grad_accum_steps)
         batches = [self._to_device(self.train_rows, idx) for idx in micro]
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-        label_tokens = all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=self.world.device))
-        # DDP averages gradients over ranks; scaling by world size makes that a global-token mean.
-        scale = self.world.size / label_tokens.item()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        label_tokens = torch.tensor([local_tokens], dtype=torch.float64, device=world.device)
+        label_tokens = all_reduce_sum(label_tokens, world.dp_mesh).item()
+        # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
+        # over every label token of the global batch. TP ranks share a batch and a loss.
+        scale = self.spec.dp_size / label_tokens
+        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
         for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or self.world.size == 1 else self.model.no_sync()
-            with sync:
+            self.engine.set_gradient_sync(i == len(batches) - 1)
+            with loss_context(self.spec), activation_offload(self.spec.cfg.ac, world.device):
                 loss = self._loss_sum(batch)
-                self.scaler.scale(loss * scale).backward()
+                self.engine.backward(loss * scale)
             loss_sum += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        clip = self.spec.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce_sum(loss_sum).item() / label_tokens.item()
-        return {"loss": loss, "grad_norm": grad_norm.item(), "lr": lr, "label_tokens": int(label_tokens.item())}
+        lr = self.engine.lr
+        grad_norm = self.engine.step()
+        loss = all_reduce_sum(loss_sum, world.dp_mesh).item() / label_tokens
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "label_tokens": int(label_tokens)}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -154,17 +129,18 @@ class Trainer:
         if n == 0:
             return None
         self.model.eval()
-        per_rank = self.spec.global_batch_size // self.world.size
+        per_rank = self.spec.global_batch_size // self.spec.dp_size
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         for b in range(t.eval_batches):
-            start = b * self.spec.global_batch_size + self.world.rank * per_rank
+            start = b * self.spec.global_batch_size + self.world.dp_rank * per_rank
             mine = [i % n for i in range(start, start + per_rank)]
             for m in range(0, per_rank, t.micro_batch_size):
                 batch = self._to_device(self.eval_rows, mine[m : m + t.micro_batch_size])
-                totals[0] += self._loss_sum(batch).double()
+                with loss_context(self.spec):
+                    totals[0] += self._loss_sum(batch).double()
                 totals[1] += (batch["labels"] != -100).sum()
         self.model.train()
-        all_reduce_sum(totals)
+        all_reduce_sum(totals, self.world.dp_mesh)
         return (totals[0] / totals[1]).item()
 
     def _record(self, stats: dict, step_time: float) -> dict:
@@ -217,25 +193,29 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if self._is_due(t.checkpoint_every) or self.step == stop_at:
-                self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.scaler, self.step)
+                self.checkpointer.save(self.engine, self.step)
         bar.close()
         if self.step < t.steps:
             return record
-        if t.export_hf and self.world.is_main:
-            export_hf(unwrap(self.model), self.out / "hf", tokenizer_folder=self.tokenizer_dir)
+        if t.export_hf:
+            weights = self.engine.full_state_dict()  # a collective: every rank gathers
+            if self.world.is_main:
+                save_hf_state_dict(weights, self.spec.cfg.model, self.out / "hf", tokenizer_folder=self.tokenizer_dir)
         barrier()
         return record
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        close_world()
 
 
 def train(spec: JobSpec) -> dict:
     """Run the job the spec describes; returns the last step's record."""
-    trainer = Trainer(spec)
     try:
-        return trainer.fit()
+        trainer = Trainer(spec)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        close_world()

@@ -1,0 +1,86 @@
+"""The step machinery the loop drives, one class per backend: gradient sync, backward, step, state.
+
+``TorchEngine`` drives the models ``parallelize`` returns (single process, DDP, FSDP2, TP, EP): a
+torch optimizer, an LR schedule, a grad scaler, and DCP-ready state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from trainkit.optim import build_optimizer, lr_lambda
+from trainkit.spec import JobSpec
+
+
+class TorchEngine:
+    def __init__(self, model: torch.nn.Module, spec: JobSpec):
+        self.model = model
+        self.spec = spec
+        self.optimizer = build_optimizer(model, spec)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
+        self.scaler = torch.amp.GradScaler(spec.device_type, enabled=spec.cfg.precision.grad_scaler)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+        if isinstance(self.model, DistributedDataParallel):
+            self.model.require_backward_grad_sync = enabled
+        elif isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> float:
+        """Unscale, clip, step and advance the schedule; returns the gradient norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.spec.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save(self, folder: Path) -> None:
+        """DCP shards of model, optimizer, schedule and scaler; every rank writes its own part."""
+        dcp.save(self._state(), checkpoint_id=folder)
+
+    def load(self, folder: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded weights on the CPU, HF names; a collective, every rank must call it."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)

@@ -1,0 +1,107 @@
+"""Every parallel strategy on CPU (gloo, torchrun) gives the losses of the single-process run.
+
+All runs start from the same HF folder (a small random Llama with tied embeddings, saved once), so
+sharded initialisation plays no part, and use the same global batch of 4 rows per step.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_train import ROOT, TINY, TOKENIZER, losses, read_metrics, spec_for
+from trainkit.config import ModelConfig
+from trainkit.model import build_model, materialize
+from trainkit.trainer import Trainer
+from trainkit.weights import export_hf, prepare_hf_folder
+
+STEPS = 4
+FP32_TOLERANCE = 1e-5  # relative, per step
+BF16_TOLERANCE = 2e-2  # relative: bf16 rounding differs with the reduction order of each strategy
+
+
+@pytest.fixture(scope="module")
+def tiny_source(cache_dir, tmp_path_factory):
+    """A random tiny Llama exported once, with the real SmolLM2 tokenizer beside it."""
+    cfg = ModelConfig(
+        name="tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+        vocab_size=49152, tie_embeddings=True, max_position_embeddings=8192,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = materialize(build_model(cfg), torch.device("cpu"))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    export_hf(model, folder, tokenizer_folder=prepare_hf_folder(TOKENIZER, str(cache_dir)), dtype=torch.float32)
+    return folder
+
+
+def overrides(source, out, *extra):
+    common = [*TINY, f"model.source={source}", "model.tokenizer=null", f"train.steps={STEPS}", "train.eval_every=2"]
+    return [*common, f"train.output_dir={out}", *extra]
+
+
+def launch(cache_dir, tmp_path, nproc: int, cases: dict[str, list[str]]) -> None:
+    cases_file = tmp_path / f"cases{nproc}.json"
+    cases_file.write_text(json.dumps({name: [f"cache_dir={cache_dir}", *o] for name, o in cases.items()}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "tests/dist_cases.py", str(cases_file)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+def reference(cache_dir, source, out, *extra):
+    trainer = Trainer(spec_for(cache_dir, *overrides(source, out, "train.micro_batch_size=2", "train.grad_accum_steps=2", *extra)))
+    trainer.fit()
+    trainer.close()
+    return out
+
+
+def assert_same_run(got_dir, want_dir, rel):
+    got, want = losses(got_dir), losses(want_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=rel), (got_dir.name, step)
+    evals = [r["eval_loss"] for r in read_metrics(got_dir) if "eval_loss" in r]
+    assert evals == pytest.approx([r["eval_loss"] for r in read_metrics(want_dir) if "eval_loss" in r], rel=rel)
+
+
+# name → (overrides on 2 processes); each keeps the global batch at 4 rows.
+TWO_PROCESS_CASES = {
+    "ddp": ["parallel=ddp", "train.micro_batch_size=2"],
+    "fsdp": ["parallel=fsdp", "train.micro_batch_size=2"],
+    "fsdp_accumulate": ["parallel=fsdp", "train.micro_batch_size=1", "train.grad_accum_steps=2"],
+    "fsdp_zero2": ["parallel=fsdp_zero2", "train.micro_batch_size=2"],
+    "fsdp_offload": ["parallel=fsdp_offload", "train.micro_batch_size=2"],
+    "tp": ["parallel=tp", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
+    "ac_full": ["parallel=fsdp", "ac=full", "train.micro_batch_size=2"],
+    "ac_every_2": ["parallel=fsdp", "ac=every_2", "train.micro_batch_size=2"],
+    "ac_selective": ["parallel=fsdp", "ac=selective", "train.micro_batch_size=2"],
+    "ac_full_offload": ["parallel=ddp", "ac=full_offload", "train.micro_batch_size=2"],
+    "tp_ac_selective": ["parallel=tp", "ac=selective", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
+}
+FOUR_PROCESS_CASES = {
+    "hsdp": ["parallel=hsdp", "train.micro_batch_size=1"],
+    "fsdp_tp": ["parallel=fsdp_tp", "train.micro_batch_size=2"],
+}
+BF16_CASES = {
+    "fsdp_bf16": ["parallel=fsdp", "precision=bf16", "train.micro_batch_size=2"],
+    "tp_bf16": ["parallel=tp", "precision=bf16", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
+}
+
+
+def test_strategies_match_one_process(cache_dir, tiny_source, tmp_path):
+    want = reference(cache_dir, tiny_source, tmp_path / "reference")
+    want_bf16 = reference(cache_dir, tiny_source, tmp_path / "reference_bf16", "precision=bf16")
+    two = {name: overrides(tiny_source, tmp_path / name, *o) for name, o in {**TWO_PROCESS_CASES, **BF16_CASES}.items()}
+    launch(cache_dir, tmp_path, 2, two)
+    four = {name: overrides(tiny_source, tmp_path / name, *o) for name, o in FOUR_PROCESS_CASES.items()}
+    launch(cache_dir, tmp_path, 4, four)
+    for name in [*TWO_PROCESS_CASES, *FOUR_PROCESS_CASES]:
+        assert_same_run(tmp_path / name, want, FP32_TOLERANCE)
+    for name in BF16_CASES:
+        assert_same_run(tmp_path / name, want_bf16, BF16_TOLERANCE)

@@ -1,0 +1,48 @@
+"""AdamW and its learning-rate schedule, shared by every parallel backend."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainkit.spec import JobSpec
+
+
+def lr_lambda(spec: JobSpec):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak (or constant)."""
+    o, steps = spec.cfg.optim, spec.cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on vectors (norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.AdamW:
+    """AdamW with fused kernels on CUDA, foreach elsewhere (CPU-offloaded weights step on the CPU)."""
+    o = spec.cfg.optim
+    on_gpu = spec.device_type == "cuda" and not spec.cfg.parallel.cpu_offload
+    fused = o.fused if o.fused is not None else on_gpu
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )
