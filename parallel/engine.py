@@ -1,7 +1,10 @@
 """The step machinery the loop drives, one class per backend: gradient sync, backward, step, state.
 
 ``TorchEngine`` drives the models ``parallelize`` returns (single process, DDP, FSDP2, TP, EP): a
-torch optimizer, an LR schedule, a grad scaler, and DCP-ready state dicts.
+torch optimizer, an LR schedule, a grad scaler, and DCP-ready state dicts. The DeepSpeed engine in
+``parallel.deepspeed_engine`` offers the same methods. The loop calls, per optimizer step:
+``set_gradient_sync`` and ``backward`` for each micro-batch, then ``step``; and ``model`` for
+forward passes, ``save`` / ``load`` for checkpoints, ``full_state_dict`` for the HF export.
 """
 
 from __future__ import annotations
@@ -21,8 +24,18 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.mesh import World
 from trainkit.optim import build_optimizer, lr_lambda
 from trainkit.spec import JobSpec
+
+
+def build_engine(model: torch.nn.Module, spec: JobSpec, world: World):
+    """The engine of ``parallel.backend`` around the parallelized, materialised model."""
+    if spec.dims.backend == "deepspeed":
+        from parallel.deepspeed_engine import DeepSpeedEngine  # deepspeed imports slowly; load it on demand
+
+        return DeepSpeedEngine(model, spec, world)
+    return TorchEngine(model, spec)
 
 
 class TorchEngine:

@@ -54,7 +54,7 @@ class ParallelDims:
             f"parallel degrees must be >= 1 or -1 (the rest of the world): got {degrees | {'ep': p.ep}}",
         )
         auto = [k for k, d in degrees.items() if d == -1]
-        _check(len(auto) <= 1, f"parallel.{' and parallel.'.join(auto)} are both -1: give all but one a number")
+        _check(len(auto) <= 1, f"{', '.join('parallel.' + k for k in auto)} are all -1: give all but one a number")
         fixed = math.prod(d for d in degrees.values() if d != -1)
         if auto:
             _check(
@@ -67,7 +67,8 @@ class ParallelDims:
         _check(
             product == world_size,
             f"parallel dp_replicate x dp_shard x tp = {' x '.join(map(str, degrees.values()))} = {product} but the "
-            f"world has {world_size} processes: launch {product} processes or set one degree to -1",
+            f"world has {world_size} processes: launch {product} processes, pick a preset that adapts "
+            "(parallel=ddp or parallel=fsdp) or set one degree to -1",
         )
         ep = degrees["dp_shard"] if p.ep == -1 else p.ep
         dims = cls(degrees["dp_replicate"], degrees["dp_shard"], degrees["tp"], ep, p.backend)

@@ -134,7 +134,7 @@ TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64
     [
         (4, ["parallel=fsdp_tp", "parallel.tp=3"], "the world has 4 processes, not a multiple of the fixed degrees' product 3"),
         (6, ["parallel=fsdp_tp", "parallel.dp_shard=2"], "parallel dp_replicate x dp_shard x tp = 1 x 2 x 2 = 4 but the world has 6"),
-        (2, ["parallel.dp_shard=-1", "parallel.tp=-1"], "parallel.dp_shard and parallel.tp are both -1"),
+        (2, ["parallel=single", "parallel.dp_shard=-1", "parallel.tp=-1"], "parallel.dp_shard, parallel.tp are all -1"),
         (2, ["parallel=tp", "model.num_kv_heads=3", "model.num_heads=9", "model.hidden_size=72"], "parallel.tp=2 does not divide model.num_heads=9"),
         (4, ["parallel=tp"], "parallel.tp=4 does not divide model.num_kv_heads=2"),
         (2, ["parallel=tp", "model.intermediate_size=127"], "parallel.tp=2 does not divide model.intermediate_size=127"),

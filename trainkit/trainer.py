@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from parallel.engine import TorchEngine
+from parallel.engine import build_engine
 from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_world
 from parallel.parallelize import activation_offload, loss_context, parallelize, unwrap
 from trainkit.checkpoint import Checkpointer
@@ -57,10 +57,10 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_rows), spec.global_batch_size, cfg.data.seed)
 
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and world size
-        self.model = parallelize(build_model(cfg.model), spec, self.world)
+        model = parallelize(build_model(cfg.model), spec, self.world)
         if weights_dir is not None:
-            load_hf_weights(unwrap(self.model), weights_dir)
-        self.engine = TorchEngine(self.model, spec)
+            load_hf_weights(unwrap(model), weights_dir)
+        self.engine = build_engine(model, spec, self.world)
         self.checkpointer = Checkpointer(self.out, self.world)
         self.step = 0
         if cfg.train.resume and (latest := self.checkpointer.latest()) is not None:
@@ -84,7 +84,7 @@ class Trainer:
         """Summed cross-entropy of one micro-batch; labels come pre-shifted from the data pipeline."""
         packed = self.spec.cfg.data.pack
         with self._autocast():
-            logits = self.model(
+            logits = self.engine.model(
                 batch["input_ids"],
                 position_ids=batch["position_ids"],
                 document_ids=batch["document_ids"] if packed else None,
@@ -128,7 +128,7 @@ class Trainer:
         n = len(self.eval_rows)
         if n == 0:
             return None
-        self.model.eval()
+        self.engine.model.eval()
         per_rank = self.spec.global_batch_size // self.spec.dp_size
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         for b in range(t.eval_batches):
@@ -139,7 +139,7 @@ class Trainer:
                 with loss_context(self.spec):
                     totals[0] += self._loss_sum(batch).double()
                 totals[1] += (batch["labels"] != -100).sum()
-        self.model.train()
+        self.engine.model.train()
         all_reduce_sum(totals, self.world.dp_mesh)
         return (totals[0] / totals[1]).item()
 
@@ -169,7 +169,7 @@ class Trainer:
             baseline = self.evaluate()  # the eval loss to fall from
             if self.metrics is not None and baseline is not None:
                 self.metrics.write({"step": 0, "eval_loss": baseline})
-        self.model.train()
+        self.engine.model.train()
         bar = tqdm(
             total=t.steps,
             initial=self.step,
