@@ -16,7 +16,7 @@ from trainkit.trainer import Trainer
 
 STEPS = 4
 FP32_TOLERANCE = 1e-5  # relative, per step
-BF16_TOLERANCE = 2e-2  # relative: bf16 rounding differs with the reduction order of each strategy
+LOW_PRECISION_TOLERANCE = 2e-2  # relative: bf16 / fp16 rounding differs with each strategy's reduction order
 
 
 def overrides(source, out, *extra):
@@ -70,20 +70,24 @@ FOUR_PROCESS_CASES = {
     "hsdp": ["parallel=hsdp", "train.micro_batch_size=1"],
     "fsdp_tp": ["parallel=fsdp_tp", "train.micro_batch_size=2"],
 }
-BF16_CASES = {
-    "fsdp_bf16": ["parallel=fsdp", "precision=bf16", "train.micro_batch_size=2"],
-    "tp_bf16": ["parallel=tp", "precision=bf16", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
+# name → (precision, overrides on 2 processes); compared with the 1-process run in that precision.
+LOW_PRECISION_CASES = {
+    "fsdp_bf16": ("bf16", ["parallel=fsdp", "train.micro_batch_size=2"]),
+    "tp_bf16": ("bf16", ["parallel=tp", "train.micro_batch_size=2", "train.grad_accum_steps=2"]),
+    "fsdp_fp16": ("fp16", ["parallel=fsdp", "train.micro_batch_size=2"]),
+    "ddp_fp16": ("fp16", ["parallel=ddp", "train.micro_batch_size=2"]),
+    "tp_fp16": ("fp16", ["parallel=tp", "train.micro_batch_size=2", "train.grad_accum_steps=2"]),
 }
 
 
 def test_strategies_match_one_process(cache_dir, tiny_source, tmp_path):
-    want = reference(cache_dir, tiny_source, tmp_path / "reference")
-    want_bf16 = reference(cache_dir, tiny_source, tmp_path / "reference_bf16", "precision=bf16")
-    two = {name: overrides(tiny_source, tmp_path / name, *o) for name, o in {**TWO_PROCESS_CASES, **BF16_CASES}.items()}
+    want = {p: reference(cache_dir, tiny_source, tmp_path / f"reference_{p}", f"precision={p}") for p in ("fp32", "bf16", "fp16")}
+    low = {name: [f"precision={p}", *o] for name, (p, o) in LOW_PRECISION_CASES.items()}
+    two = {name: overrides(tiny_source, tmp_path / name, *o) for name, o in {**TWO_PROCESS_CASES, **low}.items()}
     launch(cache_dir, tmp_path, 2, two)
     four = {name: overrides(tiny_source, tmp_path / name, *o) for name, o in FOUR_PROCESS_CASES.items()}
     launch(cache_dir, tmp_path, 4, four)
     for name in [*TWO_PROCESS_CASES, *FOUR_PROCESS_CASES]:
-        assert_same_run(tmp_path / name, want, FP32_TOLERANCE)
-    for name in BF16_CASES:
-        assert_same_run(tmp_path / name, want_bf16, BF16_TOLERANCE)
+        assert_same_run(tmp_path / name, want["fp32"], FP32_TOLERANCE)
+    for name, (precision, _) in LOW_PRECISION_CASES.items():
+        assert_same_run(tmp_path / name, want[precision], LOW_PRECISION_TOLERANCE)
