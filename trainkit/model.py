@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, SmolLM2, Qwen2) in one file, written to be parallelized.
+"""A Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, and with ``trainkit.moe`` Mixtral and Qwen2-MoE),
+written to be parallelized.
 
 Parameter names equal transformers' ``LlamaForCausalLM`` names, so HF checkpoints load without a
 mapping and peft target names (``q_proj``, ``gate_proj``, ...) mean what users expect. Blocks live
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainkit.config import ModelConfig
+from trainkit.moe import Experts, MoE
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -91,14 +93,23 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        intermediate_size = intermediate_size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def feed_forward(cfg: ModelConfig) -> nn.Module:
+    """The dense SwiGLU, or routed experts with an optional always-on shared SwiGLU."""
+    if cfg.num_experts == 0:
+        return MLP(cfg)
+    shared = MLP(cfg, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+    return MoE(cfg, shared)
 
 
 class Block(nn.Module):
@@ -107,7 +118,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = feed_forward(cfg)
 
     def forward(self, x, cos, sin, attn_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
@@ -148,6 +159,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                for param in module.parameters():
+                    nn.init.normal_(param, mean=0.0, std=self.cfg.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -176,6 +190,17 @@ class Transformer(nn.Module):
         for block in self.model.layers.values():
             h = block(h, cos, sin, attn_mask)
         return self.lm_head(self.model.norm(h))
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss of the MoE layers in the last forward (0 without experts); the
+        training loss adds ``router_aux_loss_coef`` times it."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.inv_freq.device)
+
+    def moe_drop_counts(self) -> tuple[int, int]:
+        """Token-slots the MoE layers dropped over capacity in the last forward, and all they routed."""
+        layers = [m for m in self.modules() if isinstance(m, MoE)]
+        return sum(m.dropped for m in layers), sum(m.routed for m in layers)
 
 
 def build_model(cfg: ModelConfig) -> Transformer:

@@ -2,7 +2,9 @@
 
 Everything inside trainkit speaks the HF folder format (config.json + safetensors + tokenizer files),
 because our parameter names are transformers' Llama/Qwen2 names. A ``.gguf`` file (what llama.cpp
-ships) is dequantised to float32 and converted once into a cached HF folder.
+ships) is dequantised to float32 and converted once into a cached HF folder. Mixture-of-experts
+checkpoints (Mixtral, Qwen2-MoE) keep one tensor per expert and projection; ours are stacked per
+layer (``trainkit.moe``), so loading and export map between the two.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
+from operator import attrgetter
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainkit.config import ConfigError, ModelConfig, RopeScaling
 from trainkit.model import head_dim
+from trainkit.moe import expert_size
 
 PYPI_PREFIX = "pypi:"
 TOKENIZER_FILES = (
@@ -53,7 +59,23 @@ SHAPE_FIELDS = (
     "head_dim",
     "tie_embeddings",
     "qkv_bias",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
 )
+# Fields a config may leave None, compared by the value they resolve to.
+RESOLVED_FIELDS = {"head_dim": head_dim, "moe_intermediate_size": expert_size}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
+# Checkpoint names of each expert's (gate, up, down) projection; Mixtral also names its MoE block
+# "block_sparse_moe" where ours is "mlp".
+EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj")}
+PROJECTION = {name: i for names in EXPERT_NAMES.values() for i, name in enumerate(names)}
+EXPERT_KEY = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -203,12 +225,32 @@ def _gguf_tokenizer(gguf_path: Path):
 
 
 def model_config_from_hf(folder, name: str | None = None) -> ModelConfig:
-    """The ``ModelConfig`` that an HF Llama or Qwen2 ``config.json`` describes."""
+    """The ``ModelConfig`` that an HF Llama, Qwen2, Mixtral or Qwen2-MoE ``config.json`` describes."""
     path = Path(folder) / "config.json"
     hf = json.loads(path.read_text())
     model_type = hf.get("model_type")
-    if model_type not in ("llama", "qwen2") or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError(f"{path}: only Llama and Qwen2 models without o_proj/mlp biases are supported")
+    if model_type not in ARCHITECTURES or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError(
+            f"{path}: only Llama, Qwen2, Mixtral and Qwen2-MoE models without o_proj/mlp biases are supported"
+        )
+    moe = {}
+    if model_type == "mixtral":  # intermediate_size is the size of each expert
+        moe = {"num_experts": hf["num_local_experts"]}
+    elif model_type == "qwen2_moe":
+        if not hf.get("norm_topk_prob") or hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+            raise ConfigError(
+                f"{path}: only Qwen2-MoE models with norm_topk_prob=true and experts in every layer are supported"
+            )
+        moe = {
+            "num_experts": hf["num_experts"],
+            "moe_intermediate_size": hf["moe_intermediate_size"],
+            "shared_expert_intermediate_size": hf["shared_expert_intermediate_size"],
+        }
+    if moe:
+        moe |= {
+            "num_experts_per_tok": hf["num_experts_per_tok"],
+            "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
+        }
     # transformers 5 writes rope_parameters (with rope_theta inside); older versions rope_scaling + rope_theta.
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -237,7 +279,8 @@ def model_config_from_hf(folder, name: str | None = None) -> ModelConfig:
         ),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=model_type == "qwen2",
+        qkv_bias=model_type in ("qwen2", "qwen2_moe") and hf.get("qkv_bias", True),
+        **moe,
     )
 
 
@@ -245,7 +288,8 @@ def check_model_matches(cfg: ModelConfig, folder) -> None:
     """Refuse weights whose shapes differ from ``cfg``, naming the first field that differs."""
     theirs = model_config_from_hf(folder)
     for field in SHAPE_FIELDS:
-        ours_value, their_value = (head_dim(c) if field == "head_dim" else getattr(c, field) for c in (cfg, theirs))
+        value = RESOLVED_FIELDS.get(field) or attrgetter(field)
+        ours_value, their_value = value(cfg), value(theirs)
         if ours_value != their_value:
             raise ConfigError(
                 f"model.{field}={ours_value} but {Path(folder) / 'config.json'} has {their_value}: pick the model "
@@ -263,27 +307,67 @@ def _safetensors_files(folder: Path) -> list[Path]:
     raise ConfigError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: point model.source at an HF folder")
 
 
+def _our_name(key: str) -> tuple[str, tuple[int, int] | None]:
+    """Our name for checkpoint ``key``; for one expert's projection also its (expert, projection)."""
+    key = key.replace(".block_sparse_moe.", ".mlp.")
+    match = EXPERT_KEY.fullmatch(key)
+    if match is None or match[3] not in PROJECTION:
+        return key, None
+    projection = PROJECTION[match[3]]
+    return f"{match[1]}.{'down_proj' if projection == 2 else 'gate_up_proj'}", (int(match[2]), projection)
+
+
+def _expert_slice(stack: torch.Tensor, expert: int, projection: int) -> torch.Tensor:
+    """One expert's gate (0), up (1) or down (2) projection: a view into ``gate_up_proj`` or ``down_proj``."""
+    return stack[expert] if projection == 2 else stack[expert].chunk(2)[projection]
+
+
+def _copy_into(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    tensor = tensor.to(target.dtype)
+    if isinstance(target, DTensor):  # sharded by parallelize: keep this rank's slice
+        tensor = distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(tensor)
+
+
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, folder) -> None:
-    """Copy HF safetensors into the materialised ``model`` in place, one tensor at a time."""
+    """Copy HF safetensors into the materialised ``model`` in place, one tensor at a time.
+
+    Per-expert tensors fill their layer's expert stack on the CPU, copied in once complete: a stack
+    may be sharded (expert parallel, FSDP) along dims that cut across experts or projections.
+    """
     folder = Path(folder)
     targets = model.state_dict(keep_vars=True)
     loaded, unexpected = set(), []
+    stacks, filled = {}, Counter()  # expert stacks being assembled, and the elements written into each
     for file in _safetensors_files(folder):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this derived buffer
                     continue
-                if key not in targets:
+                name, part = _our_name(key)
+                if name not in targets:
                     unexpected.append(key)
                     continue
-                tensor, target = f.get_tensor(key), targets[key]
-                if tensor.shape != target.shape:
+                tensor, target = f.get_tensor(key), targets[name]
+                if part is None:
+                    dest = target
+                else:
+                    stack = stacks.setdefault(name, torch.empty(target.shape, dtype=target.dtype))
+                    dest = _expert_slice(stack, *part)
+                if tensor.shape != dest.shape:
                     raise ConfigError(
-                        f"{file}: {key} has shape {list(tensor.shape)}, the model wants {list(target.shape)}: "
+                        f"{file}: {key} has shape {list(tensor.shape)}, the model wants {list(dest.shape)}: "
                         "pick the model preset that matches the weights"
                     )
-                target.copy_(tensor.to(target.dtype))
+                if part is None:
+                    _copy_into(target, tensor)
+                else:
+                    dest.copy_(tensor)
+                    filled[name] += tensor.numel()
+                    if filled[name] < stack.numel():
+                        continue
+                    _copy_into(target, stacks.pop(name))
                 loaded.add(id(target))  # by tensor, so a tied lm_head counts as loaded with the embedding
     missing = [key for key, target in targets.items() if id(target) not in loaded]
     if missing or unexpected:
@@ -293,14 +377,40 @@ def load_hf_weights(model: torch.nn.Module, folder) -> None:
         )
 
 
+def hf_model_type(cfg: ModelConfig) -> str:
+    """Llama, or Qwen2 when q/k/v carry a bias; with experts Mixtral, or Qwen2-MoE when there is a bias
+    or a shared expert (Mixtral has neither)."""
+    if cfg.num_experts == 0:
+        return "qwen2" if cfg.qkv_bias else "llama"
+    return "qwen2_moe" if cfg.qkv_bias or cfg.shared_expert_intermediate_size else "mixtral"
+
+
+def _moe_config(cfg: ModelConfig, model_type: str) -> dict:
+    """config.json fields of the experts, as ``model_type`` names them."""
+    if cfg.num_experts == 0:
+        return {}
+    routing = {"num_experts_per_tok": cfg.num_experts_per_tok, "router_aux_loss_coef": cfg.router_aux_loss_coef}
+    if model_type == "mixtral":  # its intermediate_size is each expert's
+        return routing | {"num_local_experts": cfg.num_experts, "intermediate_size": expert_size(cfg)}
+    return routing | {
+        "num_experts": cfg.num_experts,
+        "moe_intermediate_size": expert_size(cfg),
+        "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "qkv_bias": cfg.qkv_bias,
+    }
+
+
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json for ``cfg``: Qwen2 when q/k/v carry a bias, Llama otherwise."""
-    qwen2 = cfg.qkv_bias
+    """config.json for ``cfg``, of the model type ``hf_model_type`` picks."""
+    model_type = hf_model_type(cfg)
     s = cfg.rope_scaling
     dtype_name = str(dtype).removeprefix("torch.")
     return {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
@@ -325,7 +435,27 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "initializer_range": cfg.init_std,
         "torch_dtype": dtype_name,  # transformers < 5 reads torch_dtype, 5 reads dtype
         "dtype": dtype_name,
-    }
+    } | _moe_config(cfg, model_type)
+
+
+def _per_expert(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each expert stack split into HF's per-expert tensors (views, no copies)."""
+    model_type = hf_model_type(cfg)
+    if model_type not in EXPERT_NAMES:
+        return state_dict
+    names = EXPERT_NAMES[model_type]
+    out = {}
+    for key, tensor in state_dict.items():
+        prefix, _, stack = key.rpartition(".")
+        if not prefix.endswith(".mlp.experts"):
+            out[key] = tensor
+            continue
+        for expert in range(len(tensor)):
+            for projection in (0, 1) if stack == "gate_up_proj" else (2,):
+                out[f"{prefix}.{expert}.{names[projection]}.weight"] = _expert_slice(tensor, expert, projection)
+    if model_type == "mixtral":
+        out = {key.replace(".mlp.", ".block_sparse_moe."): tensor for key, tensor in out.items()}
+    return out
 
 
 def save_hf_state_dict(
@@ -344,6 +474,7 @@ def save_hf_state_dict(
         stale.unlink()
     if cfg.tie_embeddings:  # HF stores a tied head once, as the embedding
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    state_dict = _per_expert(state_dict, cfg)
     shards, size = [[]], 0
     item_size = torch.empty((), dtype=dtype).element_size()
     for key, tensor in state_dict.items():
