@@ -21,10 +21,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.expert_parallel import clip_grad_norm_
 from parallel.mesh import World
+from trainkit.moe import Experts
 from trainkit.optim import build_optimizer, lr_lambda
 from trainkit.spec import JobSpec
 
@@ -42,6 +43,9 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, spec: JobSpec):
         self.model = model
         self.spec = spec
+        # Expert-parallel gradients arrive summed over the EP ranks (the all-to-all backward), while
+        # FSDP averages only over the dp / ep ranks beside them: 1 / ep makes it a dp average too.
+        self.expert_params = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
         self.optimizer = build_optimizer(model, spec)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
         self.scaler = torch.amp.GradScaler(spec.device_type, enabled=spec.cfg.precision.grad_scaler)
@@ -59,10 +63,10 @@ class TorchEngine:
     def step(self) -> float:
         """Unscale, clip, step and advance the schedule; returns the gradient norm before clipping."""
         self.scaler.unscale_(self.optimizer)
+        if self.spec.dims.ep > 1:
+            torch._foreach_div_([p.grad for p in self.expert_params], self.spec.dims.ep)
         clip = self.spec.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

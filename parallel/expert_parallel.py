@@ -84,8 +84,9 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for parameters on different meshes (the expert stacks on the
-    EP mesh, the rest on the data-parallel one), which torch's cannot put in one norm."""
+    """``torch.nn.utils.clip_grad_norm_`` that also takes parameters on different meshes (the expert
+    stacks on the EP mesh, the rest on the data-parallel one), which torch's cannot put in one norm.
+    Returns the total norm before clipping as a plain tensor."""
     by_mesh = defaultdict(list)
     for param in parameters:
         if param.grad is not None:

@@ -2,7 +2,8 @@
 
 ``ParallelDims.resolve`` turns the ``parallel`` config into degrees that multiply to the world size
 and refuses impossible combinations before any process group exists. ``init_world`` then joins
-torchrun's process group and builds one mesh with the dimensions ``dp_replicate x dp_shard x tp``.
+torchrun's process group and builds one mesh ``dp_replicate x dp_shard_mod_ep x ep x tp``: expert
+parallelism borrows its ranks from the FSDP ones, and ``dp_shard`` is ``dp_shard_mod_ep x ep``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from trainkit.config import ConfigError, ModelConfig, ParallelConfig
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class ParallelDims:
 
     def _check_model(self, m: ModelConfig) -> None:
         if self.tp > 1:
+            _check(
+                m.num_experts == 0,
+                f"parallel.tp={self.tp} with experts: tensor parallelism covers dense layers only; use parallel=fsdp_ep",
+            )
             for name in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
                 value = getattr(m, name)
                 _check(
@@ -141,16 +146,20 @@ class World:
     local_rank: int
     size: int
     device: torch.device
-    mesh: DeviceMesh | None = None  # dp_replicate x dp_shard x tp; None for a single process
-    dp_mesh: DeviceMesh | None = None  # the data-parallel ranks flattened into one dimension
+    mesh: DeviceMesh | None = None  # MESH_DIMS plus the flattened "dp_shard" and "dp"; None for one process
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        """The data-parallel ranks in one dimension: the batch splits and the loss reduces over it."""
+        return None if self.mesh is None else self.mesh["dp"]
+
+    @property
     def dp_rank(self) -> int:
-        return 0 if self.dp_mesh is None else self.dp_mesh.get_local_rank()
+        return 0 if self.mesh is None else self.dp_mesh.get_local_rank()
 
 
 def init_world(device_type: str, dims: ParallelDims) -> World:
@@ -168,8 +177,11 @@ def init_world(device_type: str, dims: ParallelDims) -> World:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device_type == "cuda" else None)
-    mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS)
-    return World(rank, local_rank, size, device, mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp"))
+    shape = (dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep, dims.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+    return World(rank, local_rank, size, device, mesh)
 
 
 def close_world() -> None:

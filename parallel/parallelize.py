@@ -1,4 +1,4 @@
-"""Turn the meta-device model into the trained one: TP → AC → FSDP2 (or DDP), then materialise.
+"""Turn the meta-device model into the trained one: TP → EP → AC → FSDP2 (or DDP), then materialise.
 
 Each ``apply_*`` step is small and documented; ``parallelize`` only decides which ones run. Every
 step works on the meta device, so no rank ever holds more than its shard of the weights.
@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from parallel.expert_parallel import apply_ep
 from parallel.mesh import World
 from trainkit.config import ACConfig
 from trainkit.model import Transformer, materialize
@@ -101,23 +102,31 @@ def activation_offload(ac: ACConfig, device: torch.device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
-def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, spec: JobSpec) -> None:
+def apply_fsdp(model: Transformer, spec: JobSpec, world: World) -> None:
     """Shard each block, then the root (embedding, final norm, head), over the data-parallel mesh.
 
     Blocks gather their weights just before use and reshard after forward when
     ``reshard_after_forward`` (ZeRO-3-like); the root keeps its weights for the backward that
-    starts right after it. A 2-D mesh (dp_replicate x dp_shard) gives HSDP.
+    starts right after it. With dp_replicate > 1 the mesh is 2-D: HSDP. Expert stacks already
+    sharded over the EP ranks are sharded again over the data-parallel ranks left beside them.
     """
-    p = spec.cfg.parallel
+    p, dims = spec.cfg.parallel, spec.dims
     compute = None if spec.compute_dtype == spec.param_dtype else spec.compute_dtype
-    kwargs = {
-        "mesh": dp_mesh,
+    policies = {
         "mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if p.cpu_offload else OffloadPolicy(),
+        "reshard_after_forward": p.reshard_after_forward,
     }
+    replicate = ("dp_replicate",) if dims.dp_replicate > 1 else ()
+    dp_mesh = world.mesh[(*replicate, "dp_shard")]
+    experts_mesh = world.mesh[(*replicate, "dp_shard_mod_ep")]
+    # Experts fewer than the ranks sharding them cannot split on dim 0 (already the EP dim): use dim 1.
+    experts_dim = Shard(1) if dims.dp_shard > spec.cfg.model.num_experts else Shard(0)
     for block in model.model.layers.values():
-        fully_shard(block, reshard_after_forward=p.reshard_after_forward, **kwargs)
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+        if dims.ep > 1:
+            fully_shard(block.mlp.experts, mesh=experts_mesh, shard_placement_fn=lambda _: experts_dim, **policies)
+        fully_shard(block, mesh=dp_mesh, **policies)
+    fully_shard(model, mesh=dp_mesh, **{**policies, "reshard_after_forward": False})
 
 
 def apply_ddp(model: nn.Module, world: World) -> DistributedDataParallel:
@@ -130,11 +139,12 @@ def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
     dims = spec.dims
     if dims.tp > 1:
         apply_tp(model, world.mesh["tp"])
+    if dims.ep > 1:
+        apply_ep(model, world.mesh["ep"])
     if spec.cfg.ac.mode != "none":
         apply_ac(model, spec.cfg.ac)
     if dims.uses_fsdp:
-        dp_mesh = world.mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else world.mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, spec)
+        apply_fsdp(model, spec, world)
     # Weights (and so optimizer states) in precision.param_dtype; compute runs in compute_dtype.
     materialize(model, world.device, spec.param_dtype)
     if dims.uses_ddp:

@@ -151,6 +151,10 @@ TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64
         (2, ["parallel.backend=megatron"], "parallel.backend='megatron'"),
         (2, ["parallel.dp_shard=0"], "parallel degrees must be >= 1 or -1"),
         (1, ["ac.mode=some"], "ac.mode='some'"),
+        (2, ["parallel=zero2", "precision=fp16"], "precision=fp16: DeepSpeed has no float16 on the CPU"),
+        (2, ["parallel=zero2", "parallel.deepspeed_config=/no/ds.json"], "parallel.deepspeed_config=/no/ds.json does not exist"),
+        (2, ["parallel=tp", "model.num_experts=4"], "parallel.tp=2 with experts"),
+        (1, ["model.num_experts=4", "model.hidden_size=60", "model.num_heads=4"], "model.hidden_size=60 and the expert size"),
     ],
 )
 def test_parallel_combinations_are_refused_before_any_process_group(tmp_path, world, overrides, expected):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from tests.conftest import TINY_MOE
 from tests.test_train import ROOT, TINY, losses, read_metrics, spec_for
 from trainkit.trainer import Trainer
 
@@ -91,3 +92,23 @@ def test_strategies_match_one_process(cache_dir, tiny_source, tmp_path):
         assert_same_run(tmp_path / name, want["fp32"], FP32_TOLERANCE)
     for name, (precision, _) in LOW_PRECISION_CASES.items():
         assert_same_run(tmp_path / name, want[precision], LOW_PRECISION_TOLERANCE)
+
+
+# Dropless routing and no aux loss: both depend on how the batch is split, so equality needs them off.
+MOE = [f"model.{k}={v}" for k, v in TINY_MOE.items()]
+MOE += ["model.tie_embeddings=false", "model.router_aux_loss_coef=0", "model.capacity_factor=0"]
+MOE_CASES = {  # name → (processes, overrides)
+    "ep": (2, ["parallel=fsdp_ep", "train.micro_batch_size=2"]),
+    "fsdp_x_ep": (4, ["parallel=fsdp_ep", "parallel.ep=2", "train.micro_batch_size=1"]),
+    "fsdp_moe_no_ep": (2, ["parallel=fsdp", "train.micro_batch_size=2"]),
+}
+
+
+def test_expert_parallel_matches_one_process(cache_dir, tiny_moe_source, tmp_path):
+    want = reference(cache_dir, tiny_moe_source, tmp_path / "reference", *MOE)
+    for nproc in (2, 4):
+        cases = {n: overrides(tiny_moe_source, tmp_path / n, *MOE, *o) for n, (p, o) in MOE_CASES.items() if p == nproc}
+        launch(cache_dir, tmp_path, nproc, cases)
+    for name in MOE_CASES:
+        assert_same_run(tmp_path / name, want, FP32_TOLERANCE)
+        assert all(r["moe_dropped_fraction"] == 0 for r in read_metrics(tmp_path / name) if "loss" in r)

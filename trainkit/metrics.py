@@ -17,13 +17,18 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * N + 12 * L * H * Q * T (PaLM appendix B).
 
-    N counts the matmul parameters (every parameter but the embedding lookup; the output head counts
-    even when tied), 6 = 2 forward + 4 backward FLOPs per parameter per token; the second term is
+    N counts the matmul parameters a token goes through (every parameter but the embedding lookup;
+    the output head counts even when tied; of an MoE layer the router, the top-k experts and the
+    shared expert), 6 = 2 forward + 4 backward FLOPs per parameter per token; the second term is
     attention's score and value matmuls, L layers, H heads, Q head dim, T sequence length.
     """
     hd = head_dim(m)
     attn = m.hidden_size * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
     mlp = 3 * m.hidden_size * m.intermediate_size
+    if m.num_experts:
+        expert = 3 * m.hidden_size * (m.moe_intermediate_size or m.intermediate_size)
+        shared = 3 * m.hidden_size * m.shared_expert_intermediate_size
+        mlp = m.num_experts_per_tok * expert + shared + m.hidden_size * m.num_experts
     matmul_params = m.num_layers * (attn + mlp) + m.vocab_size * m.hidden_size
     return 6 * matmul_params + 12 * m.num_layers * m.num_heads * hd * seq_len
 

@@ -83,6 +83,18 @@ def _check_model(m) -> None:
         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
         "change one of them or set model.head_dim",
     )
+    if m.num_experts > 0:
+        _require(
+            0 < m.num_experts_per_tok <= m.num_experts,
+            f"model.num_experts_per_tok={m.num_experts_per_tok} must be between 1 and model.num_experts={m.num_experts}",
+        )
+        expert_size = m.moe_intermediate_size or m.intermediate_size
+        # grouped_mm needs 16-byte aligned rows: 8 bf16 values.
+        _require(
+            m.hidden_size % 8 == 0 and expert_size % 8 == 0,
+            f"model.hidden_size={m.hidden_size} and the expert size {expert_size} must be multiples of 8 for the "
+            "grouped expert matmul: round them up",
+        )
     _require(
         m.source is not None or m.tokenizer is not None,
         "model.source is null (random init) and so is model.tokenizer: set model.tokenizer to a tokenizer folder",
@@ -164,5 +176,15 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
         "precision.compute_dtype=float16 without precision.grad_scaler=true underflows gradients: "
         "use precision=fp16",
     )
+    if dims.backend == "deepspeed":
+        _require(
+            not (compute_dtype == torch.float16 and device_type == "cpu"),
+            "precision=fp16: DeepSpeed has no float16 on the CPU: use precision=bf16 or fp32",
+        )
+        ds_json = cfg.parallel.deepspeed_config
+        _require(
+            ds_json is None or Path(ds_json).is_file(),
+            f"parallel.deepspeed_config={ds_json} does not exist: point it at a DeepSpeed JSON file",
+        )
     _check_output_dir(t)
     return JobSpec(cfg, dims, device_type, param_dtype, compute_dtype)

@@ -106,17 +106,27 @@ class Trainer:
         # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
         # over every label token of the global batch. TP ranks share a batch and a loss.
         scale = self.spec.dp_size / label_tokens
-        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
+        losses = torch.zeros(2, dtype=torch.float64, device=world.device)  # CE and MoE aux, summed
+        slots = [0, 0]  # MoE token-slots dropped over capacity, and routed
+        aux_weight = self.spec.cfg.model.router_aux_loss_coef / t.grad_accum_steps
+        model = unwrap(self.engine.model)
         for i, batch in enumerate(batches):
             self.engine.set_gradient_sync(i == len(batches) - 1)
             with loss_context(self.spec), activation_offload(self.spec.cfg.ac, world.device):
                 loss = self._loss_sum(batch)
-                self.engine.backward(loss * scale)
-            loss_sum += loss.detach()
+                aux = model.moe_aux_loss()  # the load balance of this micro-batch's routing; 0 if dense
+                self.engine.backward(loss * scale + aux * aux_weight)
+            losses += torch.stack([loss.detach(), aux.detach()])
+            slots = [total + n for total, n in zip(slots, model.moe_drop_counts())]
         lr = self.engine.lr
         grad_norm = self.engine.step()
-        loss = all_reduce_sum(loss_sum, world.dp_mesh).item() / label_tokens
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "label_tokens": int(label_tokens)}
+        totals = torch.cat([losses, torch.tensor(slots, dtype=torch.float64, device=world.device)])
+        loss, aux, dropped, routed = all_reduce_sum(totals, world.dp_mesh).tolist()
+        record = {"loss": loss / label_tokens, "grad_norm": grad_norm, "lr": lr, "label_tokens": int(label_tokens)}
+        if routed:
+            record["moe_aux_loss"] = aux / (t.grad_accum_steps * self.spec.dp_size)
+            record["moe_dropped_fraction"] = dropped / routed
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
