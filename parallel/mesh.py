@@ -81,7 +81,8 @@ class ParallelDims:
         if self.tp > 1:
             _check(
                 m.num_experts == 0,
-                f"parallel.tp={self.tp} with experts: tensor parallelism covers dense layers only; use parallel=fsdp_ep",
+                f"parallel.tp={self.tp} with experts: tensor parallelism covers dense layers only; "
+                "use parallel=fsdp_ep",
             )
             for name in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
                 value = getattr(m, name)

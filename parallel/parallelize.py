@@ -89,7 +89,9 @@ def apply_ac(model: Transformer, ac: ACConfig) -> None:
         if ac.mode == "every_n" and index % ac.every_n != 0:
             continue
         if ac.mode == "selective":
-            block = checkpoint_wrapper(block, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+            block = checkpoint_wrapper(
+                block, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy)
+            )
         else:
             block = checkpoint_wrapper(block)
         model.model.layers[name] = block

@@ -2,8 +2,8 @@
 
 WORKDIR/setup.pt holds two configs with their weights and one batch per rank (per step); each rank
 writes WORKDIR/rank<r>.pt: its logits, loss and gradients (of the expert stacks, its own experts;
-of the rest, summed over ranks), and the losses and gradient norms of a few clipped AdamW steps. The test computes the same in
-one process, from the same functions.
+of the rest, summed over ranks), and the losses and gradient norms of a few clipped AdamW steps.
+The test computes the same in one process, from the same functions.
 """
 
 import sys

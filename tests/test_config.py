@@ -132,17 +132,46 @@ TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64
 @pytest.mark.parametrize(
     "world, overrides, expected",
     [
-        (4, ["parallel=fsdp_tp", "parallel.tp=3"], "the world has 4 processes, not a multiple of the fixed degrees' product 3"),
-        (6, ["parallel=fsdp_tp", "parallel.dp_shard=2"], "parallel dp_replicate x dp_shard x tp = 1 x 2 x 2 = 4 but the world has 6"),
+        (
+            4,
+            ["parallel=fsdp_tp", "parallel.tp=3"],
+            "the world has 4 processes, not a multiple of the fixed degrees' product 3",
+        ),
+        (
+            6,
+            ["parallel=fsdp_tp", "parallel.dp_shard=2"],
+            "parallel dp_replicate x dp_shard x tp = 1 x 2 x 2 = 4 but the world has 6",
+        ),
         (2, ["parallel=single", "parallel.dp_shard=-1", "parallel.tp=-1"], "parallel.dp_shard, parallel.tp are all -1"),
-        (2, ["parallel=tp", "model.num_kv_heads=3", "model.num_heads=9", "model.hidden_size=72"], "parallel.tp=2 does not divide model.num_heads=9"),
+        (
+            2,
+            ["parallel=tp", "model.num_kv_heads=3", "model.num_heads=9", "model.hidden_size=72"],
+            "parallel.tp=2 does not divide model.num_heads=9",
+        ),
         (4, ["parallel=tp"], "parallel.tp=4 does not divide model.num_kv_heads=2"),
-        (2, ["parallel=tp", "model.intermediate_size=127"], "parallel.tp=2 does not divide model.intermediate_size=127"),
+        (
+            2,
+            ["parallel=tp", "model.intermediate_size=127"],
+            "parallel.tp=2 does not divide model.intermediate_size=127",
+        ),
         (2, ["parallel=fsdp_ep"], "parallel.ep=2 but the model is dense"),
         (4, ["parallel=fsdp_ep", "model.num_experts=6"], "parallel.ep=4 does not divide model.num_experts=6"),
-        (4, ["parallel=fsdp_ep", "parallel.ep=4", "parallel.dp_shard=2", "parallel.dp_replicate=2", "model.num_experts=8"],
-         "parallel.ep=4 must divide parallel.dp_shard=2"),
-        (2, ["parallel=zero3", "parallel.tp=2", "parallel.dp_shard=1"], "parallel.backend=deepspeed cannot be combined with tp"),
+        (
+            4,
+            [
+                "parallel=fsdp_ep",
+                "parallel.ep=4",
+                "parallel.dp_shard=2",
+                "parallel.dp_replicate=2",
+                "model.num_experts=8",
+            ],
+            "parallel.ep=4 must divide parallel.dp_shard=2",
+        ),
+        (
+            2,
+            ["parallel=zero3", "parallel.tp=2", "parallel.dp_shard=1"],
+            "parallel.backend=deepspeed cannot be combined with tp",
+        ),
         (2, ["parallel=zero2", "parallel.offload_params=true"], "parallel.offload_params needs parallel.zero_stage=3"),
         (2, ["parallel=zero1", "parallel.zero_stage=0"], "parallel.zero_stage=0: DeepSpeed needs 1, 2 or 3"),
         (2, ["parallel=fsdp", "parallel.zero_stage=2"], "parallel.zero_stage / offload_optimizer"),
@@ -152,13 +181,23 @@ TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64
         (2, ["parallel.dp_shard=0"], "parallel degrees must be >= 1 or -1"),
         (1, ["ac.mode=some"], "ac.mode='some'"),
         (2, ["parallel=zero2", "precision=fp16"], "precision=fp16: DeepSpeed has no float16 on the CPU"),
-        (2, ["parallel=zero2", "parallel.deepspeed_config=/no/ds.json"], "parallel.deepspeed_config=/no/ds.json does not exist"),
+        (
+            2,
+            ["parallel=zero2", "parallel.deepspeed_config=/no/ds.json"],
+            "parallel.deepspeed_config=/no/ds.json does not exist",
+        ),
         (2, ["parallel=tp", "model.num_experts=4"], "parallel.tp=2 with experts"),
-        (1, ["model.num_experts=4", "model.hidden_size=60", "model.num_heads=4"], "model.hidden_size=60 and the expert size"),
+        (
+            1,
+            ["model.num_experts=4", "model.hidden_size=60", "model.num_heads=4"],
+            "model.hidden_size=60 and the expert size",
+        ),
     ],
 )
 def test_parallel_combinations_are_refused_before_any_process_group(tmp_path, world, overrides, expected):
-    cfg = compose(f"train.output_dir={tmp_path / 'run'}", "model.source=null", "model.tokenizer=x", *TINY_SHAPE, *overrides)
+    cfg = compose(
+        f"train.output_dir={tmp_path / 'run'}", "model.source=null", "model.tokenizer=x", *TINY_SHAPE, *overrides
+    )
     with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
         build_job_spec(cfg, world_size=world)
     assert "\n" not in str(info.value)
@@ -179,6 +218,13 @@ def test_parallel_combinations_are_refused_before_any_process_group(tmp_path, wo
 )
 def test_presets_resolve_to_the_world(tmp_path, world, preset, degrees):
     extra = ["model.num_experts=8"] if preset == "fsdp_ep" else []
-    cfg = compose(f"train.output_dir={tmp_path}", "model.source=null", "model.tokenizer=x", *TINY_SHAPE, f"parallel={preset}", *extra)
+    cfg = compose(
+        f"train.output_dir={tmp_path}",
+        "model.source=null",
+        "model.tokenizer=x",
+        *TINY_SHAPE,
+        f"parallel={preset}",
+        *extra,
+    )
     d = build_job_spec(cfg, world_size=world).dims
     assert (d.dp_replicate, d.dp_shard, d.tp, d.ep) == degrees

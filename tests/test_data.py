@@ -88,8 +88,14 @@ def test_packed_row_matches_each_document_alone(tokenizer, tmp_path):
 
     torch.manual_seed(0)
     model_cfg = ModelConfig(
-        name="tiny", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-        vocab_size=len(tokenizer), tokenizer="test",
+        name="tiny",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        tokenizer="test",
     )
     model = materialize(build_model(model_cfg), torch.device("cpu")).eval()
     with torch.no_grad():

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_moe import build, loss_of, train  # the torchrun driver next to this file
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from dist_moe import build, loss_of, train  # the torchrun driver next to this file
 from trainkit.config import ConfigError, ModelConfig
 from trainkit.model import build_model, materialize
 from trainkit.moe import MoE

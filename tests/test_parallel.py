@@ -38,7 +38,9 @@ def launch(cache_dir, tmp_path, nproc: int, cases: dict[str, list[str]]) -> None
 
 
 def reference(cache_dir, source, out, *extra):
-    trainer = Trainer(spec_for(cache_dir, *overrides(source, out, "train.micro_batch_size=2", "train.grad_accum_steps=2", *extra)))
+    trainer = Trainer(
+        spec_for(cache_dir, *overrides(source, out, "train.micro_batch_size=2", "train.grad_accum_steps=2", *extra))
+    )
     trainer.fit()
     trainer.close()
     return out
@@ -82,7 +84,10 @@ LOW_PRECISION_CASES = {
 
 
 def test_strategies_match_one_process(cache_dir, tiny_source, tmp_path):
-    want = {p: reference(cache_dir, tiny_source, tmp_path / f"reference_{p}", f"precision={p}") for p in ("fp32", "bf16", "fp16")}
+    want = {
+        p: reference(cache_dir, tiny_source, tmp_path / f"reference_{p}", f"precision={p}")
+        for p in ("fp32", "bf16", "fp16")
+    }
     low = {name: [f"precision={p}", *o] for name, (p, o) in LOW_PRECISION_CASES.items()}
     two = {name: overrides(tiny_source, tmp_path / name, *o) for name, o in {**TWO_PROCESS_CASES, **low}.items()}
     launch(cache_dir, tmp_path, 2, two)

@@ -11,7 +11,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import TOKENIZER
-
 from trainkit.config import register_schema
 from trainkit.spec import build_job_spec
 from trainkit.trainer import Trainer
@@ -54,7 +53,14 @@ def spec_for(cache: Path, *overrides: str):
 def run_cli(cache: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "train.py"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "train.py",
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [*launcher, f"cache_dir={cache}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
@@ -191,7 +197,11 @@ def test_wandb_is_imported_only_when_enabled(tmp_path):
 
 def test_param_dtype_sets_master_weights_and_keeps_rope_in_float32(cache_dir, tmp_path):
     spec = spec_for(
-        cache_dir, f"train.output_dir={tmp_path}", "train.steps=2", "precision.param_dtype=bfloat16", "train.eval_batches=1"
+        cache_dir,
+        f"train.output_dir={tmp_path}",
+        "train.steps=2",
+        "precision.param_dtype=bfloat16",
+        "train.eval_batches=1",
     )
     trainer = Trainer(spec)
     record = trainer.fit()

@@ -40,9 +40,7 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The newest complete checkpoint; half-written ``.tmp`` folders are never chosen."""
         steps = [
-            (int(m.group(1)), p)
-            for p in self.folder.glob("step_*")
-            if (m := STEP_DIR.match(p.name)) and p.is_dir()
+            (int(m.group(1)), p) for p in self.folder.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()
         ]
         return max(steps)[1] if steps else None
 

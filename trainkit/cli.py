@@ -55,7 +55,8 @@ def _explain(err: Exception) -> str:
     if isinstance(cause, MissingMandatoryValue):
         return f"{key or cause.msg} has no value and the job needs one: set it on the command line ({key}=...)"
     if isinstance(cause, ValidationError) and key:
-        return f"{key}: {str(cause.msg).splitlines()[0]}; give a value of the field's type (python train.py --cfg job shows them)"
+        message = str(cause.msg).splitlines()[0]
+        return f"{key}: {message}; give a value of the field's type (python train.py --cfg job shows them)"
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group = err.missing_cfg_file.rsplit("/", 1)[0]
         options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))

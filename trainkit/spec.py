@@ -86,7 +86,8 @@ def _check_model(m) -> None:
     if m.num_experts > 0:
         _require(
             0 < m.num_experts_per_tok <= m.num_experts,
-            f"model.num_experts_per_tok={m.num_experts_per_tok} must be between 1 and model.num_experts={m.num_experts}",
+            f"model.num_experts_per_tok={m.num_experts_per_tok} must be between 1 and "
+            f"model.num_experts={m.num_experts}",
         )
         expert_size = m.moe_intermediate_size or m.intermediate_size
         # grouped_mm needs 16-byte aligned rows: 8 bf16 values.
@@ -173,8 +174,7 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
     )
     _require(
         compute_dtype != torch.float16 or p.grad_scaler,
-        "precision.compute_dtype=float16 without precision.grad_scaler=true underflows gradients: "
-        "use precision=fp16",
+        "precision.compute_dtype=float16 without precision.grad_scaler=true underflows gradients: use precision=fp16",
     )
     if dims.backend == "deepspeed":
         _require(

@@ -89,7 +89,9 @@ class Trainer:
                 position_ids=batch["position_ids"],
                 document_ids=batch["document_ids"] if packed else None,
             )
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
+        )
         # Under tensor parallelism the loss of vocabulary-sharded logits is a replicated DTensor.
         return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
@@ -200,7 +202,9 @@ class Trainer:
                 record["eval_loss"] = self.evaluate()
             if self.metrics is not None and (self._is_due(t.log_every) or "eval_loss" in record):
                 self.metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
             bar.update(1)
             if self._is_due(t.checkpoint_every) or self.step == stop_at:
                 self.checkpointer.save(self.engine, self.step)
