@@ -228,3 +228,18 @@ def test_presets_resolve_to_the_world(tmp_path, world, preset, degrees):
     )
     d = build_job_spec(cfg, world_size=world).dims
     assert (d.dp_replicate, d.dp_shard, d.tp, d.ep) == degrees
+
+
+@pytest.mark.parametrize("group", ["model", "data", "parallel", "ac", "precision"])
+def test_every_preset_composes_into_a_valid_spec(tmp_path, group):
+    """Each option file of the group makes a valid job with the other defaults (parallel: on 4 ranks)."""
+    extra = {
+        "data": ["data.source=/any/file.jsonl"],
+        "parallel": ["model=llama3_2_1b", "model.num_experts=8"],  # heads TP divides; experts EP needs
+    }.get(group, [])
+    for option in sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml")):
+        cfg = compose(f"train.output_dir={tmp_path / option}", f"{group}={option}", *extra)
+        if group == "parallel" and option != "fsdp_ep":
+            cfg.model.num_experts = 0
+        spec = build_job_spec(cfg, world_size=4 if group == "parallel" and option != "single" else 1)
+        assert re.sub(r"[-.]", "_", getattr(spec.cfg, group).name) == option
