@@ -187,6 +187,7 @@ def init_world(device_type: str, dims: ParallelDims) -> World:
 
 def close_world() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still talks on them
         dist.destroy_process_group()
 
 

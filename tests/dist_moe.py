@@ -76,6 +76,7 @@ def main(workdir: Path) -> None:
     apply_ep(model, mesh)
     losses = train(model, setup["steps"], [rank], clip_grad_norm_)
     torch.save({"logits": logits, "loss": loss, "grads": grads, "losses": losses}, workdir / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears its connections down while another still talks on them
     dist.destroy_process_group()
 
 
