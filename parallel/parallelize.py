@@ -29,7 +29,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from parallel.expert_parallel import apply_ep
 from parallel.mesh import World
 from trainkit.config import ACConfig
-from trainkit.model import Transformer, materialize
+from trainkit.model import Transformer, materialize, set_param_dtypes
 from trainkit.spec import JobSpec
 
 # Tensor parallel plans: module path → style. The residual stream between blocks stays sharded on
@@ -139,6 +139,8 @@ def apply_ddp(model: nn.Module, world: World) -> DistributedDataParallel:
 
 def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
     dims = spec.dims
+    # Trained weights (and so optimizer states) in param_dtype; frozen ones only feed compute.
+    set_param_dtypes(model, trainable=spec.param_dtype, frozen=spec.compute_dtype)
     if dims.tp > 1:
         apply_tp(model, world.mesh["tp"])
     if dims.ep > 1:
@@ -147,8 +149,7 @@ def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
         apply_ac(model, spec.cfg.ac)
     if dims.uses_fsdp:
         apply_fsdp(model, spec, world)
-    # Weights (and so optimizer states) in precision.param_dtype; compute runs in compute_dtype.
-    materialize(model, world.device, spec.param_dtype)
+    materialize(model, world.device)
     if dims.uses_ddp:
         return apply_ddp(model, world)
     return model

@@ -43,7 +43,18 @@ def test_cfg_job_prints_composed_config_with_every_shape_override():
     ).stdout
     printed = yaml.safe_load(out)
     assert {k: printed["model"][k] for k in shape} == shape
-    assert set(printed) == {"model", "data", "optim", "precision", "parallel", "ac", "train", "logging", "cache_dir"}
+    assert set(printed) == {
+        "model",
+        "data",
+        "optim",
+        "precision",
+        "parallel",
+        "ac",
+        "peft",
+        "train",
+        "logging",
+        "cache_dir",
+    }
 
 
 @pytest.mark.parametrize(
@@ -180,6 +191,14 @@ TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64
         (2, ["parallel.backend=megatron"], "parallel.backend='megatron'"),
         (2, ["parallel.dp_shard=0"], "parallel degrees must be >= 1 or -1"),
         (1, ["ac.mode=some"], "ac.mode='some'"),
+        (1, ["optim.name=paged_adamw_8bit"], "optim.name=paged_adamw_8bit pages optimizer states"),
+        (1, ["optim.name=lion"], "optim.name='lion'"),
+        (1, ["peft.method=prefix"], "peft.method='prefix'"),
+        (1, ["peft=lora", "peft.r=0"], "peft.r=0 must be >= 1"),
+        (2, ["peft=lora", "parallel=tp"], "peft.method=lora with parallel.tp=2"),
+        (2, ["peft=qlora", "parallel=zero3"], "peft.method=qlora with parallel.backend=deepspeed"),
+        (1, ["peft=qlora", "model.num_experts=4"], "peft.method=qlora quantizes dense linears only"),
+        (1, ["peft=qlora", "model.source=null"], "peft.method=qlora quantizes pretrained weights"),
         (2, ["parallel=zero2", "precision=fp16"], "precision=fp16: DeepSpeed has no float16 on the CPU"),
         (
             2,
@@ -230,7 +249,7 @@ def test_presets_resolve_to_the_world(tmp_path, world, preset, degrees):
     assert (d.dp_replicate, d.dp_shard, d.tp, d.ep) == degrees
 
 
-@pytest.mark.parametrize("group", ["model", "data", "parallel", "ac", "precision"])
+@pytest.mark.parametrize("group", ["model", "data", "parallel", "ac", "precision", "peft"])
 def test_every_preset_composes_into_a_valid_spec(tmp_path, group):
     """Each option file of the group makes a valid job with the other defaults (parallel: on 4 ranks)."""
     extra = {

@@ -117,3 +117,27 @@ def test_expert_parallel_matches_one_process(cache_dir, tiny_moe_source, tmp_pat
     for name in MOE_CASES:
         assert_same_run(tmp_path / name, want, FP32_TOLERANCE)
         assert all(r["moe_dropped_fraction"] == 0 for r in read_metrics(tmp_path / name) if "loss" in r)
+
+
+ADAPTER_CASES = {  # name → (peft preset, overrides on 2 processes)
+    "lora_ddp": ("lora", ["parallel=ddp", "train.micro_batch_size=2"]),
+    "lora_fsdp": ("lora", ["parallel=fsdp", "train.micro_batch_size=2"]),
+    "lora_fsdp_ac": (
+        "lora",
+        ["parallel=fsdp_zero2", "ac=full", "train.micro_batch_size=1", "train.grad_accum_steps=2"],
+    ),
+    "qlora_fsdp": ("qlora", ["parallel=fsdp", "train.micro_batch_size=2"]),
+    "qlora_ddp_ac": ("qlora", ["parallel=ddp", "ac=selective", "train.micro_batch_size=2"]),
+}
+
+
+def test_adapters_match_one_process(cache_dir, tiny_source, tmp_path):
+    """LoRA and QLoRA (NF4 base) under DDP, FSDP2 and AC: the 1-process losses, non-zero finite grad norms."""
+    want = {p: reference(cache_dir, tiny_source, tmp_path / f"reference_{p}", f"peft={p}") for p in ("lora", "qlora")}
+    cases = {n: overrides(tiny_source, tmp_path / n, f"peft={p}", *o) for n, (p, o) in ADAPTER_CASES.items()}
+    launch(cache_dir, tmp_path, 2, cases)
+    for name, (preset, _) in ADAPTER_CASES.items():
+        assert_same_run(tmp_path / name, want[preset], FP32_TOLERANCE)
+        norms = [r["grad_norm"] for r in read_metrics(tmp_path / name) if "grad_norm" in r]
+        assert all(0 < n < float("inf") for n in norms), (name, norms)
+        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()

@@ -81,7 +81,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes; paged needs CUDA)
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -130,6 +130,21 @@ class ACConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: adapters on a frozen base (``lora/``)."""
+
+    name: str = "none"
+    method: str = "none"  # none: train every weight | lora | qlora: LoRA over a base stored in 4-bit NF4
+    r: int = 16  # adapter rank
+    alpha: int = 32  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input
+    # Block linear names (q_proj, ..., down_proj) or presets: attention | mlp | all-linear.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of LoRA
+    adapter: Optional[str] = None  # a saved adapter folder to continue from instead of a fresh init
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 4
@@ -171,6 +186,7 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ac: ACConfig = field(default_factory=ACConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cache_dir: str = field(

@@ -209,9 +209,23 @@ def build_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def materialize(model: Transformer, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
+def set_param_dtypes(model: Transformer, trainable: torch.dtype, frozen: torch.dtype) -> Transformer:
+    """Give trained weights (and so optimizer states) ``trainable``'s dtype and frozen ones ``frozen``'s.
+
+    Meant for the meta-device model, before a parallel plan wraps its parameters; QLoRA's packed
+    storage already has the frozen dtype and is left alone.
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            dtype = trainable if param.requires_grad else frozen
+            if param.dtype != dtype:
+                module.register_parameter(name, nn.Parameter(param.to(dtype), requires_grad=param.requires_grad))
+    model.tie_weights()
+    return model
+
+
+def materialize(model: Transformer, device: torch.device) -> Transformer:
     model.to_empty(device=device)
-    model.to(dtype=dtype)
     model.tie_weights()
     model.init_weights()
     return model

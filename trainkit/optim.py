@@ -33,9 +33,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.AdamW:
-    """AdamW with fused kernels on CUDA, foreach elsewhere (CPU-offloaded weights step on the CPU)."""
+def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
+    """AdamW over the trained parameters: torch's, with fused kernels on CUDA and foreach elsewhere
+    (CPU-offloaded weights step on the CPU); or bitsandbytes' with 8-bit states (``adamw_8bit``),
+    which can also page out to CPU memory under pressure (``paged_adamw_8bit``)."""
     o = spec.cfg.optim
+    if o.name != "adamw":
+        import bitsandbytes as bnb  # only when asked for: it probes the GPU at import
+
+        optimizer = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[o.name]
+        return optimizer(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     on_gpu = spec.device_type == "cuda" and not spec.cfg.parallel.cpu_offload
     fused = o.fused if o.fused is not None else on_gpu
     return torch.optim.AdamW(

@@ -23,6 +23,8 @@ DATA_KINDS = ("text", "chat", "instruction")
 SAMPLE_BY = ("document", "paragraph", "line")
 SCHEDULES = ("cosine", "constant")
 AC_MODES = ("none", "full", "every_n", "selective")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+PEFT_METHODS = ("none", "lora", "qlora")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def check_data(d, max_positions: int) -> None:
 
 
 def _check_optim(o, steps: int) -> None:
-    _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
+    _require(o.name in OPTIMIZERS, f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS)}")
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}")
     _positive(o, "lr", "optim")
     _require(len(o.betas) == 2, f"optim.betas={list(o.betas)} must hold two numbers, e.g. [0.9,0.95]")
@@ -129,6 +131,37 @@ def _check_optim(o, steps: int) -> None:
 def _check_ac(ac) -> None:
     _require(ac.mode in AC_MODES, f"ac.mode={ac.mode!r}: use one of {', '.join(AC_MODES)}")
     _require(ac.every_n >= 1, f"ac.every_n={ac.every_n} must be >= 1")
+
+
+def _check_peft(cfg: JobConfig, dims: ParallelDims, device_type: str) -> None:
+    pe = cfg.peft
+    _require(pe.method in PEFT_METHODS, f"peft.method={pe.method!r}: use one of {', '.join(PEFT_METHODS)}")
+    _require(
+        cfg.optim.name != "paged_adamw_8bit" or device_type == "cuda",
+        "optim.name=paged_adamw_8bit pages optimizer states between GPU and CPU: it needs a GPU; use adamw_8bit",
+    )
+    if pe.method == "none":
+        return
+    _require(pe.r >= 1, f"peft.r={pe.r} must be >= 1")
+    _require(0 <= pe.dropout < 1, f"peft.dropout={pe.dropout} must be in [0, 1)")
+    _require(
+        dims.tp == 1,
+        f"peft.method={pe.method} with parallel.tp={dims.tp}: adapters compose with DDP / FSDP2 only",
+    )
+    _require(
+        dims.backend == "torch",
+        f"peft.method={pe.method} with parallel.backend=deepspeed is not supported yet: use parallel=fsdp",
+    )
+    _require(
+        not (pe.use_dora and dims.uses_fsdp),
+        "peft.use_dora under FSDP2: DoRA's init needs whole base weights; use peft=lora or one process",
+    )
+    if pe.method == "qlora":
+        _require(cfg.model.num_experts == 0, "peft.method=qlora quantizes dense linears only: use peft=lora for MoE")
+        _require(
+            cfg.model.source is not None,
+            "peft.method=qlora quantizes pretrained weights while loading them: set model.source",
+        )
 
 
 def _check_output_dir(t) -> None:
@@ -176,6 +209,7 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
         compute_dtype != torch.float16 or p.grad_scaler,
         "precision.compute_dtype=float16 without precision.grad_scaler=true underflows gradients: use precision=fp16",
     )
+    _check_peft(cfg, dims, device_type)
     if dims.backend == "deepspeed":
         _require(
             not (compute_dtype == torch.float16 and device_type == "cpu"),

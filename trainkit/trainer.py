@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from lora import apply_adapters, init_adapters, load_weights, save_adapter
 from parallel.engine import build_engine
 from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_world
 from parallel.parallelize import activation_offload, loss_context, parallelize, unwrap
@@ -25,13 +26,7 @@ from trainkit.data import StepSampler, TokenRows, build_datasets
 from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flops
 from trainkit.model import build_model
 from trainkit.spec import JobSpec
-from trainkit.weights import (
-    check_model_matches,
-    load_hf_weights,
-    load_tokenizer,
-    prepare_hf_folder,
-    save_hf_state_dict,
-)
+from trainkit.weights import check_model_matches, load_tokenizer, prepare_hf_folder, save_hf_state_dict
 
 
 class Trainer:
@@ -57,9 +52,17 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_rows), spec.global_batch_size, cfg.data.seed)
 
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and world size
-        model = parallelize(build_model(cfg.model), spec, self.world)
+        model = build_model(cfg.model)
+        adapters = cfg.peft.method != "none"
+        if adapters:  # before the parallel plan, so it shards the adapters with their blocks
+            apply_adapters(model, spec)
+        model = parallelize(model, spec, self.world)
         if weights_dir is not None:
-            load_hf_weights(unwrap(model), weights_dir)
+            load_weights(unwrap(model), weights_dir, spec, self.world.device)
+        if adapters:
+            torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
+            init_adapters(unwrap(model), cfg.peft)
+        self.weights_dir = weights_dir
         self.engine = build_engine(model, spec, self.world)
         self.checkpointer = Checkpointer(self.out, self.world)
         self.step = 0
@@ -211,7 +214,9 @@ class Trainer:
         bar.close()
         if self.step < t.steps:
             return record
-        if t.export_hf:
+        if self.spec.cfg.peft.method != "none":  # peft's format; merge_adapters gives the merged model
+            save_adapter(unwrap(self.engine.model), self.out / "adapter", self.weights_dir)  # a collective
+        elif t.export_hf:
             weights = self.engine.full_state_dict()  # a collective: every rank gathers
             if self.world.is_main:
                 save_hf_state_dict(weights, self.spec.cfg.model, self.out / "hf", tokenizer_folder=self.tokenizer_dir)

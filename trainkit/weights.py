@@ -17,6 +17,8 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
 
@@ -297,7 +299,7 @@ def check_model_matches(cfg: ModelConfig, folder) -> None:
             )
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     # The same preference as transformers: a single file wins over an index.
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
@@ -322,7 +324,7 @@ def _expert_slice(stack: torch.Tensor, expert: int, projection: int) -> torch.Te
     return stack[expert] if projection == 2 else stack[expert].chunk(2)[projection]
 
 
-def _copy_into(target: torch.Tensor, tensor: torch.Tensor) -> None:
+def copy_into(target: torch.Tensor, tensor: torch.Tensor) -> None:
     tensor = tensor.to(target.dtype)
     if isinstance(target, DTensor):  # sharded by parallelize: keep this rank's slice
         tensor = distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None)
@@ -330,17 +332,20 @@ def _copy_into(target: torch.Tensor, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, folder) -> None:
+def load_hf_weights(model: torch.nn.Module, folder, writers: dict[int, tuple[tuple, Callable]] | None = None) -> None:
     """Copy HF safetensors into the materialised ``model`` in place, one tensor at a time.
 
     Per-expert tensors fill their layer's expert stack on the CPU, copied in once complete: a stack
     may be sharded (expert parallel, FSDP) along dims that cut across experts or projections.
+    ``writers`` maps ``id(parameter)`` to the shape its checkpoint tensor has and the function that
+    stores it, for parameters kept in another form (QLoRA's packed 4-bit weights).
     """
     folder = Path(folder)
+    writers = writers or {}
     targets = model.state_dict(keep_vars=True)
     loaded, unexpected = set(), []
     stacks, filled = {}, Counter()  # expert stacks being assembled, and the elements written into each
-    for file in _safetensors_files(folder):
+    for file in safetensors_files(folder):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this derived buffer
@@ -350,24 +355,23 @@ def load_hf_weights(model: torch.nn.Module, folder) -> None:
                     unexpected.append(key)
                     continue
                 tensor, target = f.get_tensor(key), targets[name]
-                if part is None:
-                    dest = target
-                else:
+                shape, write = writers.get(id(target), (target.shape, partial(copy_into, target)))
+                if part is not None:
                     stack = stacks.setdefault(name, torch.empty(target.shape, dtype=target.dtype))
-                    dest = _expert_slice(stack, *part)
-                if tensor.shape != dest.shape:
+                    shape = _expert_slice(stack, *part).shape
+                if tensor.shape != shape:
                     raise ConfigError(
-                        f"{file}: {key} has shape {list(tensor.shape)}, the model wants {list(dest.shape)}: "
+                        f"{file}: {key} has shape {list(tensor.shape)}, the model wants {list(shape)}: "
                         "pick the model preset that matches the weights"
                     )
                 if part is None:
-                    _copy_into(target, tensor)
+                    write(tensor)
                 else:
-                    dest.copy_(tensor)
+                    _expert_slice(stack, *part).copy_(tensor)
                     filled[name] += tensor.numel()
                     if filled[name] < stack.numel():
                         continue
-                    _copy_into(target, stacks.pop(name))
+                    copy_into(target, stacks.pop(name))
                 loaded.add(id(target))  # by tensor, so a tied lm_head counts as loaded with the embedding
     missing = [key for key, target in targets.items() if id(target) not in loaded]
     if missing or unexpected:

@@ -1,0 +1,110 @@
+"""QLoRA: the frozen base linears stored in 4-bit NF4 (bitsandbytes), quantized while loading.
+
+``quantize_base`` swaps the block linears of the meta-device model for empty ``Linear4bit`` layers
+whose parameter already has the packed shape ``[out * in / 2 / itemsize, 1]`` in a float
+``quant_storage`` dtype: FSDP2 shards and gathers it like any frozen weight (bitsandbytes' FSDP
+layout; torch 2.11's FSDP2 refuses uint8 parameters). Nothing may cast it: the storage dtype must be
+the dtype the frozen base is materialised in and FSDP's ``param_dtype`` (or no mixed precision).
+The quantization statistics are not parameters; they live, replicated, on the module
+(``module.quant_state``), where ``Linear4bit.forward`` finds them after FSDP swaps its gathered
+weight in.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.nn import Linear4bit, Params4bit
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lora.adapters import lora_layers, without_adapters
+from trainkit.config import ConfigError
+from trainkit.weights import copy_into, load_hf_weights
+
+
+def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, quant_storage: torch.dtype) -> Linear4bit:
+    layer = Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,  # double quantization: the per-block scales are 8-bit too
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        device="meta",
+    )
+    packed_rows = linear.weight.numel() // (2 * quant_storage.itemsize)  # two 4-bit codes per byte
+    layer.weight = Params4bit(
+        torch.empty(packed_rows, 1, dtype=quant_storage, device="meta"),
+        requires_grad=False,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        module=layer,
+        bnb_quantized=True,  # the bytes are filled by load_quantized, never quantized again by .to()
+    )
+    # bitsandbytes' CPU inference path repacks the weight in place into a layout that merging and
+    # saving do not read; keep the portable layout (GPUs never take that path).
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def quantize_base(model: nn.Module, compute_dtype: torch.dtype, quant_storage: torch.dtype) -> nn.Module:
+    """Replace every base ``nn.Linear`` in the blocks (LoRA-wrapped or not) with an empty NF4
+    ``Linear4bit``, in place, on meta; ``load_quantized`` fills them after materialisation.
+
+    Call after ``apply_lora``: peft's DoRA init cannot copy a 4-bit layer on meta. The adapters'
+    own matrices, embeddings, norms and ``lm_head`` keep their precision.
+    """
+    if model.cfg.num_experts:
+        raise ConfigError("peft.method=qlora needs a dense model: model.num_experts must be 0")
+    adapters = {
+        id(m) for layer in lora_layers(model).values() for m in (*layer.lora_A.values(), *layer.lora_B.values())
+    }
+    for name, module in list(model.model.layers.named_modules()):
+        if type(module) is nn.Linear and id(module) not in adapters:
+            model.model.layers.set_submodule(name, _nf4_linear(module, compute_dtype, quant_storage))
+    return model
+
+
+def _quantize_into(layer: Linear4bit, weight: torch.Tensor) -> None:
+    if layer.weight.dtype != layer.quant_storage:  # bytes copied into another dtype would be converted, not kept
+        raise ConfigError(
+            f"the packed NF4 weights were cast from {layer.quant_storage} to {layer.weight.dtype} after quantize_base: "
+            "keep the frozen base in the quant_storage dtype when materialising"
+        )
+    packed, state = bnb.functional.quantize_4bit(
+        weight.to(layer.compute_dtype),  # so it dequantizes to the compute dtype
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=layer.quant_storage,
+    )
+    copy_into(layer.weight, packed)  # sharded by FSDP: keeps this rank's slice of the bytes
+    layer.quant_state = state  # where Linear4bit.forward finds it again after FSDP swaps in the gathered weight
+    if not isinstance(layer.weight, DTensor):  # to_empty made it a plain Parameter: a Params4bit again
+        layer.weight = Params4bit(
+            layer.weight.data,
+            requires_grad=False,
+            quant_state=state,
+            quant_type="nf4",
+            quant_storage=layer.quant_storage,
+            module=layer,
+            bnb_quantized=True,
+        )
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, folder, device: torch.device) -> None:
+    """Load an HF folder into a ``quantize_base`` model in place of ``load_hf_weights``.
+
+    Tensors are read one at a time; a 4-bit layer's weight goes to ``device``, is quantized there and
+    only its packed bytes are kept, so no more than one full-precision linear exists at any moment.
+    """
+    writers = {
+        id(m.weight): ((m.out_features, m.in_features), lambda w, m=m: _quantize_into(m, w.to(device)))
+        for m in model.modules()
+        if isinstance(m, Linear4bit)
+    }
+    with without_adapters(model):
+        load_hf_weights(model, folder, writers)
