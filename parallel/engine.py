@@ -46,6 +46,9 @@ class TorchEngine:
         # Expert-parallel gradients arrive summed over the EP ranks (the all-to-all backward), while
         # FSDP averages only over the dp / ep ranks beside them: 1 / ep makes it a dp average too.
         self.expert_params = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
+        # Adapter runs checkpoint what trains; the frozen base comes back from model.source on resume.
+        adapters = spec.cfg.peft.method != "none"
+        self.state_options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
         self.optimizer = build_optimizer(model, spec)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
         self.scaler = torch.amp.GradScaler(spec.device_type, enabled=spec.cfg.precision.grad_scaler)
@@ -78,7 +81,7 @@ class TorchEngine:
         return self.scheduler.get_last_lr()[0]
 
     def _state(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         return {
             "model": model_sd,
             "optim": optim_sd,
@@ -93,7 +96,13 @@ class TorchEngine:
     def load(self, folder: Path) -> None:
         state = self._state()
         dcp.load(state, checkpoint_id=folder)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self.state_options,
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 

@@ -67,8 +67,10 @@ def run_cli(cache: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProc
     )
 
 
-def test_resume_continues_exactly(cache_dir, tmp_path):
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_resume_continues_exactly(cache_dir, tmp_path, peft):
     common = ["train.steps=6", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_every=3"]
+    common.append(f"peft={peft}")
     straight = tmp_path / "straight"
     Trainer(spec_for(cache_dir, f"train.output_dir={straight}", *common)).fit()
 
