@@ -58,6 +58,7 @@ def assert_same_run(got_dir, want_dir, rel):
 # name → (overrides on 2 processes); each keeps the global batch at 4 rows.
 TWO_PROCESS_CASES = {
     "ddp": ["parallel=ddp", "train.micro_batch_size=2"],
+    "ddp_accumulate": ["parallel=ddp", "train.micro_batch_size=1", "train.grad_accum_steps=2"],
     "fsdp": ["parallel=fsdp", "train.micro_batch_size=2"],
     "fsdp_accumulate": ["parallel=fsdp", "train.micro_batch_size=1", "train.grad_accum_steps=2"],
     "fsdp_zero2": ["parallel=fsdp_zero2", "train.micro_batch_size=2"],
