@@ -17,7 +17,6 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from lora import apply_adapters, init_adapters, load_weights, save_adapter
 from parallel.engine import build_engine
 from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_world
 from parallel.parallelize import activation_offload, loss_context, parallelize, unwrap
@@ -26,7 +25,7 @@ from trainkit.data import StepSampler, TokenRows, build_datasets
 from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flops
 from trainkit.model import build_model
 from trainkit.spec import JobSpec
-from trainkit.weights import check_model_matches, load_tokenizer, prepare_hf_folder, save_hf_state_dict
+from trainkit.weights import check_model_matches, load_hf_weights, load_tokenizer, prepare_hf_folder, save_hf_state_dict
 
 
 class Trainer:
@@ -53,13 +52,18 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and world size
         model = build_model(cfg.model)
-        adapters = cfg.peft.method != "none"
-        if adapters:  # before the parallel plan, so it shards the adapters with their blocks
-            apply_adapters(model, spec)
+        self.adapters = cfg.peft.method != "none"
+        if self.adapters:
+            # peft and bitsandbytes take ~2 s to import (on every rank): only adapter jobs pay it.
+            from lora import apply_adapters, init_adapters, load_weights
+
+            apply_adapters(model, spec)  # before the parallel plan, so it shards them with their blocks
         model = parallelize(model, spec, self.world)
-        if weights_dir is not None:
+        if weights_dir is not None and self.adapters:
             load_weights(unwrap(model), weights_dir, spec, self.world.device)
-        if adapters:
+        elif weights_dir is not None:
+            load_hf_weights(unwrap(model), weights_dir)
+        if self.adapters:
             torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
             init_adapters(unwrap(model), cfg.peft)
         self.weights_dir = weights_dir
@@ -214,7 +218,9 @@ class Trainer:
         bar.close()
         if self.step < t.steps:
             return record
-        if self.spec.cfg.peft.method != "none":  # peft's format; merge_adapters gives the merged model
+        if self.adapters:  # peft's format; lora.merge_adapters gives the merged model
+            from lora import save_adapter
+
             save_adapter(unwrap(self.engine.model), self.out / "adapter", self.weights_dir)  # a collective
         elif t.export_hf:
             weights = self.engine.full_state_dict()  # a collective: every rank gathers
