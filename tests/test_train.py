@@ -171,6 +171,20 @@ def test_empty_dataset_is_refused(cache_dir, tmp_path):
     assert not run.exists()
 
 
+def test_overwrite_replaces_the_earlier_run(cache_dir, tmp_path):
+    first = Trainer(spec_for(cache_dir, f"train.output_dir={tmp_path}", "train.steps=2", "train.eval_batches=1"))
+    first.fit()
+    first.close()
+    (tmp_path / "notes.txt").write_text("mine")  # the user's own file stays
+    again = [f"train.output_dir={tmp_path}", "train.steps=1", "optim.warmup_steps=0", "train.overwrite=true"]
+    second = Trainer(spec_for(cache_dir, *again))
+    second.fit()
+    second.close()
+    assert sorted(losses(tmp_path)) == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_existing_run_is_not_written_over(cache_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -157,7 +157,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs/default"
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+    overwrite: bool = False  # start afresh in an output_dir that holds a run, removing what it wrote
     export_hf: bool = True  # write HF safetensors + config.json after the last step
 
 

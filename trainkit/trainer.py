@@ -8,6 +8,7 @@ same gradients as one process.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,14 @@ from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flop
 from trainkit.model import build_model
 from trainkit.spec import JobSpec
 from trainkit.weights import check_model_matches, load_hf_weights, load_tokenizer, prepare_hf_folder, save_hf_state_dict
+
+
+def remove_run(out: Path, metrics_file: str) -> None:
+    """What an earlier run wrote into ``out`` (and only that: the folder may hold the user's files)."""
+    for name in ("checkpoints", "hf", "adapter", "wandb"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (metrics_file, "config.yaml"):
+        (out / name).unlink(missing_ok=True)
 
 
 class Trainer:
@@ -76,6 +85,8 @@ class Trainer:
         self.peak_flops = peak_flops(self.world.device, cfg.logging)
         self.metrics = None
         if self.world.is_main:
+            if cfg.train.overwrite and self.step == 0:
+                remove_run(self.out, cfg.logging.metrics_file)
             self.out.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
             OmegaConf.save(OmegaConf.create(resolved), self.out / "config.yaml")
