@@ -1,4 +1,4 @@
-"""Turn the meta-device model into the trained one: TP → EP → AC → FSDP2 (or DDP), then materialise.
+"""Turn the meta-device model into the trained one: TP → EP → AC → compile → FSDP2 (or DDP), then materialise.
 
 Each ``apply_*`` step is small and documented; ``parallelize`` only decides which ones run. Every
 step works on the meta device, so no rank ever holds more than its shard of the weights.
@@ -97,6 +97,17 @@ def apply_ac(model: Transformer, ac: ACConfig) -> None:
         model.model.layers[name] = block
 
 
+def apply_compile(model: Transformer) -> None:
+    """Compile each block (inside its AC wrapper, so recomputation replays the compiled graph).
+
+    Blocks share one graph, so compilation costs one block's time however deep the model is;
+    ``Module.compile`` works in place, keeping parameter names, and FSDP2's hooks stay outside the
+    graph. Not ``fullgraph``: bitsandbytes' 4-bit matmul and peft's adapters break the graph.
+    """
+    for block in model.model.layers.values():
+        block.compile()
+
+
 def activation_offload(ac: ACConfig, device: torch.device):
     """Context for forward + backward: tensors saved for backward live in CPU memory when asked."""
     if not ac.offload:
@@ -147,6 +158,8 @@ def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
         apply_ep(model, world.mesh["ep"])
     if spec.cfg.ac.mode != "none":
         apply_ac(model, spec.cfg.ac)
+    if spec.cfg.compile:
+        apply_compile(model)
     if dims.uses_fsdp:
         apply_fsdp(model, spec, world)
     materialize(model, world.device)

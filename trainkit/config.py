@@ -189,6 +189,7 @@ class JobConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compile: bool = False  # torch.compile each block (one graph, reused by every layer)
     cache_dir: str = field(
         default_factory=lambda: os.environ.get("TRAINKIT_CACHE", os.path.expanduser("~/.cache/trainkit"))
     )

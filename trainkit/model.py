@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainkit.config import ModelConfig
 from trainkit.moe import Experts, MoE
@@ -125,6 +126,32 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Logit elements per cross-entropy chunk: with a 128k vocabulary about 500 tokens, so a chunk's
+# float32 logits and their gradient take ~0.5 GB however long the batch is.
+LOSS_CHUNK_ELEMENTS = 2**26
+
+
+def _chunk_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred tokens
+    at a time: each chunk's logits are recomputed in backward instead of kept, so the full
+    [tokens, vocab] logits (and their float32 copy) never exist."""
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    step = max(1, chunk_elements // head.out_features)
+    if step >= labels.numel():
+        return _chunk_loss(head, hidden, labels)
+    chunks = [
+        checkpoint(_chunk_loss, head, hidden[i : i + step], labels[i : i + step], use_reentrant=False)
+        for i in range(0, labels.numel(), step)
+    ]
+    return torch.stack(chunks).sum()
+
+
 class Decoder(nn.Module):
     """Embedding, blocks and final norm: the ``model.`` prefix of HF checkpoints."""
 
@@ -170,8 +197,10 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for ``input_ids`` [batch, seq].
+        """Logits for ``input_ids`` [batch, seq], or with ``labels`` (same shape, pre-shifted, -100
+        ignored) their summed cross-entropy, computed in chunks so full logits never exist.
 
         ``position_ids`` restart at 0 for each packed document; ``document_ids`` (same shape) limit
         attention to tokens of the same document. Without them a row is one causal sequence.
@@ -189,7 +218,10 @@ class Transformer(nn.Module):
             attn_mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
         for block in self.model.layers.values():
             h = block(h, cos, sin, attn_mask)
-        return self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        if labels is None:
+            return self.lm_head(h)
+        return chunked_cross_entropy(h, self.lm_head, labels)
 
     def moe_aux_loss(self) -> torch.Tensor:
         """Mean load-balancing loss of the MoE layers in the last forward (0 without experts); the

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from parallel.engine import build_engine
@@ -101,17 +100,16 @@ class Trainer:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch; labels come pre-shifted from the data pipeline."""
         packed = self.spec.cfg.data.pack
+        inputs = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"] if packed else None}
         with self._autocast():
-            logits = self.engine.model(
-                batch["input_ids"],
-                position_ids=batch["position_ids"],
-                document_ids=batch["document_ids"] if packed else None,
-            )
+            if self.spec.dims.tp == 1:  # the model computes the loss in chunks: no full logits
+                return self.engine.model(batch["input_ids"], labels=batch["labels"], **inputs)
+            logits = self.engine.model(batch["input_ids"], **inputs)
+        # Vocabulary-sharded logits under tensor parallelism: loss_parallel gives a replicated DTensor.
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
         )
-        # Under tensor parallelism the loss of vocabulary-sharded logits is a replicated DTensor.
-        return loss.full_tensor() if isinstance(loss, DTensor) else loss
+        return loss.full_tensor()
 
     def _to_device(self, rows: TokenRows, indices: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.world.device, non_blocking=True) for k, v in rows.batch(indices).items()}
