@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -44,11 +45,15 @@ def main() -> None:
         device_map={"": 0},
         attn_implementation="sdpa",
     )
+    quantized = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    if quantized == 0:
+        raise SystemExit("the base was not quantized: no bitsandbytes Linear4bit layer in the loaded model")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
 
@@ -76,6 +81,7 @@ def main() -> None:
         "max_memory_allocated_bytes": stats["allocated_bytes.all.peak"],
         "max_memory_reserved_bytes": stats["reserved_bytes.all.peak"],
         "trainable_params": sum(p.numel() for p in trainable),
+        "nf4_linears": quantized,
         "losses": losses,
     }
     with open(args.out, "w") as f:

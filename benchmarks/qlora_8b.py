@@ -60,6 +60,7 @@ def trainkit_row(name: str, overrides: str, args, work: Path) -> dict:
         "precision=bf16",
         "parallel=single",
         "optim.lr=2e-4",
+        "optim.warmup_steps=2",
         f"train.micro_batch_size={BATCH}",
         f"train.steps={args.steps}",
         "train.eval_batches=1",
