@@ -52,7 +52,7 @@ def trainkit_row(name: str, overrides: str, args, work: Path) -> dict:
         str(ROOT / "train.py"),
         "model=llama3_8b",
         f"model.source={args.weights}",
-        f"model.tokenizer={args.tokenizer}",
+        "model.tokenizer=null",  # the checkpoint folder carries the tokenizer
         f"data.source={args.data}",
         f"data.seq_len={SEQ}",
         "data.pack=false",  # whole windows of one play: the baseline's unmasked causal rows
