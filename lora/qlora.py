@@ -6,14 +6,19 @@ whose parameter already has the packed shape ``[out * in / 2 / itemsize, 1]`` in
 layout; torch 2.11's FSDP2 refuses uint8 parameters). Nothing may cast it: the storage dtype must be
 the dtype the frozen base is materialised in and FSDP's ``param_dtype`` (or no mixed precision).
 The quantization statistics are not parameters; they live, replicated, on the module
-(``module.quant_state``), where ``Linear4bit.forward`` finds them after FSDP swaps its gathered
-weight in.
+(``module.quant_state``), where the forward finds them after FSDP swaps its gathered weight in.
+
+The forward is ours (``NF4Linear``): bitsandbytes' format and kernels, but an autograd function that
+keeps only the packed bytes for backward and dequantizes again there (a frozen base needs no input
+saved), and under ``torch.compile`` a dequantization in plain torch ops that compiles into one fused
+kernel, which the compiler recomputes instead of saving.
 """
 
 from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
+from bitsandbytes.functional import QuantState
 from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -23,8 +28,55 @@ from trainkit.config import ConfigError
 from trainkit.weights import copy_into, load_hf_weights
 
 
+def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """bitsandbytes' NF4 layout in torch ops: two 4-bit codes per byte (high nibble first), one
+    absmax per block of ``state.blocksize`` values, the absmaxes 8-bit blockwise-quantized again
+    (double quantization) around ``state.offset``."""
+    absmax = state.absmax
+    if state.nested:
+        inner = state.state2
+        scale = inner.absmax.repeat_interleave(inner.blocksize)[: absmax.numel()]
+        absmax = inner.code[absmax.int()] * scale + state.offset
+    codes = packed.view(torch.uint8).flatten()
+    nibbles = torch.stack((codes >> 4, codes & 15), dim=-1).flatten()
+    values = state.code[nibbles.int()].view(-1, state.blocksize) * absmax[:, None]
+    return values.view(state.shape).to(state.dtype)
+
+
+def _dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return dequantize_nf4(packed, state)
+    return bnb.functional.dequantize_4bit(packed, state)  # one CUDA kernel in eager mode
+
+
+class NF4Matmul(torch.autograd.Function):
+    """``x @ W.T`` for a frozen NF4 ``W``: saves the packed bytes (already resident), not ``x`` or the
+    dequantized ``W``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+        ctx.state = state
+        ctx.save_for_backward(packed)
+        return x @ _dequantize(packed, state).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        return grad @ _dequantize(packed, ctx.state), None, None
+
+
+class NF4Linear(Linear4bit):
+    """A frozen bitsandbytes NF4 linear with the forward above (peft wraps it like ``Linear4bit``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = NF4Matmul.apply(x.to(self.compute_dtype), self.weight, self.quant_state)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype)
+
+
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, quant_storage: torch.dtype) -> Linear4bit:
-    layer = Linear4bit(
+    layer = NF4Linear(
         linear.in_features,
         linear.out_features,
         bias=linear.bias is not None,
@@ -81,7 +133,7 @@ def _quantize_into(layer: Linear4bit, weight: torch.Tensor) -> None:
         quant_storage=layer.quant_storage,
     )
     copy_into(layer.weight, packed)  # sharded by FSDP: keeps this rank's slice of the bytes
-    layer.quant_state = state  # where Linear4bit.forward finds it again after FSDP swaps in the gathered weight
+    layer.quant_state = state  # where the forward finds it again after FSDP swaps in the gathered weight
     if not isinstance(layer.weight, DTensor):  # to_empty made it a plain Parameter: a Params4bit again
         layer.weight = Params4bit(
             layer.weight.data,

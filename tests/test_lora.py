@@ -137,6 +137,29 @@ def test_nf4_base_matches_its_dequantized_base(tiny_source):
             assert max_rel(p.grad, grads[name]) <= 1e-4, name
 
 
+def test_compiled_nf4_blocks_match_eager(tiny_source):
+    """Under torch.compile the NF4 weights dequantize through torch ops (bitsandbytes' layout, double
+    quantization included) instead of bitsandbytes' kernel: same weights, same logits and grads."""
+    eager = adapter_model(tiny_source, quantized=True)
+    for module in eager.modules():
+        if isinstance(module, lora.qlora.NF4Linear):
+            state = module.quant_state
+            want = bnb.functional.dequantize_4bit(module.weight.data, state)
+            assert torch.equal(lora.qlora.dequantize_nf4(module.weight.data, state), want)
+    compiled = adapter_model(tiny_source, quantized=True)
+    for block in compiled.model.layers.values():
+        block.compile()
+    x = tokens(eager.cfg.vocab_size)
+    got, want = compiled(x), eager(x)
+    assert max_rel(got, want) <= 1e-5
+    got.logsumexp(-1).mean().backward()
+    want.logsumexp(-1).mean().backward()
+    grads = dict(eager.named_parameters())
+    for name, p in compiled.named_parameters():
+        if p.requires_grad:
+            assert max_rel(p.grad, grads[name].grad) <= 1e-4, name
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_merged_model_gives_the_adapter_logits(tiny_source, quantized, use_dora):
