@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lora.adapters import apply_lora, init_lora_weights, load_adapter, load_base_weights
-from lora.qlora import load_quantized, quantize_base
+from lora.qlora import init_quantized, load_quantized, quantize_base
 from trainkit.config import PeftConfig
 from trainkit.spec import JobSpec
 
@@ -22,10 +22,14 @@ def apply_adapters(model: nn.Module, spec: JobSpec) -> None:
 
 
 def load_weights(model: nn.Module, folder, spec: JobSpec, device: torch.device) -> None:
-    """The pretrained weights under the adapters: quantized while loading for QLoRA."""
+    """The pretrained weights under the adapters (``folder`` None: the random init stays), quantized
+    while loading for QLoRA, whose base is quantized from a random init when there is no folder."""
     if spec.cfg.peft.method == "qlora":
-        load_quantized(model, folder, device)
-    else:
+        if folder is None:
+            init_quantized(model, device)
+        else:
+            load_quantized(model, folder, device)
+    elif folder is not None:
         load_base_weights(model, folder)
 
 

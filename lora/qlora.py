@@ -147,6 +147,16 @@ def _quantize_into(layer: Linear4bit, weight: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def init_quantized(model: nn.Module, device: torch.device) -> None:
+    """Quantize a random normal init (``init_std``) into every 4-bit layer, one layer at a time:
+    real-shape QLoRA runs without a checkpoint. Every rank draws the same weights and keeps its shard."""
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            weight = torch.empty(module.out_features, module.in_features, device=device, dtype=module.compute_dtype)
+            _quantize_into(module, weight.normal_(0.0, model.cfg.init_std))
+
+
+@torch.no_grad()
 def load_quantized(model: nn.Module, folder, device: torch.device) -> None:
     """Load an HF folder into a ``quantize_base`` model in place of ``load_hf_weights``.
 

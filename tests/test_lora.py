@@ -137,6 +137,25 @@ def test_nf4_base_matches_its_dequantized_base(tiny_source):
             assert max_rel(p.grad, grads[name]) <= 1e-4, name
 
 
+def test_random_nf4_base_without_weights(tiny_source):
+    """model.source=null with QLoRA: each 4-bit layer holds a quantized normal(0, init_std) draw."""
+    model = build_model(model_config_from_hf(tiny_source))
+    apply_lora(model, lora_config())
+    quantize_base(model, compute_dtype=torch.float32, quant_storage=torch.float32)
+    materialize(model, CPU)
+    torch.manual_seed(0)
+    lora.qlora.init_quantized(model, CPU)
+    weights = [
+        bnb.functional.dequantize_4bit(m.weight.data, m.quant_state)
+        for m in model.modules()
+        if isinstance(m, lora.qlora.NF4Linear)
+    ]
+    assert len(weights) == 7 * model.cfg.num_layers
+    for w in weights:
+        assert w.std().item() == pytest.approx(model.cfg.init_std, rel=0.1)
+    assert not torch.equal(weights[0][:8, :8], weights[1][:8, :8])
+
+
 def test_compiled_nf4_blocks_match_eager(tiny_source):
     """Under torch.compile the NF4 weights dequantize through torch ops (bitsandbytes' layout, double
     quantization included) instead of bitsandbytes' kernel: same weights, same logits and grads."""

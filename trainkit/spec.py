@@ -158,10 +158,6 @@ def _check_peft(cfg: JobConfig, dims: ParallelDims, device_type: str) -> None:
     )
     if pe.method == "qlora":
         _require(cfg.model.num_experts == 0, "peft.method=qlora quantizes dense linears only: use peft=lora for MoE")
-        _require(
-            cfg.model.source is not None,
-            "peft.method=qlora quantizes pretrained weights while loading them: set model.source",
-        )
 
 
 def _check_output_dir(t) -> None:

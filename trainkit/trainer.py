@@ -67,7 +67,7 @@ class Trainer:
 
             apply_adapters(model, spec)  # before the parallel plan, so it shards them with their blocks
         model = parallelize(model, spec, self.world)
-        if weights_dir is not None and self.adapters:
+        if self.adapters:  # without weights: QLoRA still quantizes a random base
             load_weights(unwrap(model), weights_dir, spec, self.world.device)
         elif weights_dir is not None:
             load_hf_weights(unwrap(model), weights_dir)
