@@ -16,6 +16,8 @@ kernel, which the compiler recomputes instead of saving.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import QuantState
@@ -28,25 +30,48 @@ from trainkit.config import ConfigError
 from trainkit.weights import copy_into, load_hf_weights
 
 
-def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """bitsandbytes' NF4 layout in torch ops: two 4-bit codes per byte (high nibble first), one
-    absmax per block of ``state.blocksize`` values, the absmaxes 8-bit blockwise-quantized again
-    (double quantization) around ``state.offset``."""
-    absmax = state.absmax
-    if state.nested:
+@dataclass
+class NF4State:
+    """What dequantizing one weight reads, as tensors and ints: torch.compile traces these (it cannot
+    trace bitsandbytes' ``QuantState``, whose ``__getattr__`` breaks the graph; and not frozen: torch
+    compile would take a frozen one for a constant and reuse one layer's tensors for every layer).
+    Always double quantized: the per-block absmaxes are 8-bit codes, blockwise-scaled around ``offset``."""
+
+    code: torch.Tensor  # the 16 NF4 values
+    blocksize: int
+    absmax_codes: torch.Tensor  # uint8, one per block
+    absmax_code: torch.Tensor  # the 256 values of those codes
+    absmax_scale: torch.Tensor  # one per ``absmax_blocksize`` absmax codes
+    absmax_blocksize: int
+    offset: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    quant_state: QuantState  # bitsandbytes' own kernels take it in eager mode
+
+    @classmethod
+    def of(cls, state: QuantState) -> NF4State:
         inner = state.state2
-        scale = inner.absmax.repeat_interleave(inner.blocksize)[: absmax.numel()]
-        absmax = inner.code[absmax.int()] * scale + state.offset
+        return cls(
+            state.code, state.blocksize, state.absmax, inner.code, inner.absmax, inner.blocksize, state.offset,
+            state.shape, state.dtype, state,
+        )  # fmt: skip
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """bitsandbytes' NF4 layout in torch ops: two 4-bit codes per byte (high nibble first), one absmax
+    per block of ``state.blocksize`` values."""
+    scale = state.absmax_scale.repeat_interleave(state.absmax_blocksize)[: state.absmax_codes.numel()]
+    absmax = state.absmax_code[state.absmax_codes.int()] * scale + state.offset
     codes = packed.view(torch.uint8).flatten()
     nibbles = torch.stack((codes >> 4, codes & 15), dim=-1).flatten()
     values = state.code[nibbles.int()].view(-1, state.blocksize) * absmax[:, None]
     return values.view(state.shape).to(state.dtype)
 
 
-def _dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+def _dequantize(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return dequantize_nf4(packed, state)
-    return bnb.functional.dequantize_4bit(packed, state)  # one CUDA kernel in eager mode
+    return bnb.functional.dequantize_4bit(packed, state.quant_state)  # one CUDA kernel in eager mode
 
 
 class NF4Matmul(torch.autograd.Function):
@@ -54,7 +79,7 @@ class NF4Matmul(torch.autograd.Function):
     dequantized ``W``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
         ctx.state = state
         ctx.save_for_backward(packed)
         return x @ _dequantize(packed, state).t()
@@ -69,7 +94,7 @@ class NF4Linear(Linear4bit):
     """A frozen bitsandbytes NF4 linear with the forward above (peft wraps it like ``Linear4bit``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = NF4Matmul.apply(x.to(self.compute_dtype), self.weight, self.quant_state)
+        out = NF4Matmul.apply(x.to(self.compute_dtype), self.weight, self.nf4_state)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)
@@ -133,7 +158,8 @@ def _quantize_into(layer: Linear4bit, weight: torch.Tensor) -> None:
         quant_storage=layer.quant_storage,
     )
     copy_into(layer.weight, packed)  # sharded by FSDP: keeps this rank's slice of the bytes
-    layer.quant_state = state  # where the forward finds it again after FSDP swaps in the gathered weight
+    layer.quant_state = state  # found again after FSDP swaps in the gathered weight
+    layer.nf4_state = NF4State.of(state)
     if not isinstance(layer.weight, DTensor):  # to_empty made it a plain Parameter: a Params4bit again
         layer.weight = Params4bit(
             layer.weight.data,
