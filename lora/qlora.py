@@ -46,14 +46,13 @@ class NF4State:
     offset: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
-    quant_state: QuantState  # bitsandbytes' own kernels take it in eager mode
 
     @classmethod
     def of(cls, state: QuantState) -> NF4State:
         inner = state.state2
         return cls(
             state.code, state.blocksize, state.absmax, inner.code, inner.absmax, inner.blocksize, state.offset,
-            state.shape, state.dtype, state,
+            state.shape, state.dtype,
         )  # fmt: skip
 
 
@@ -68,36 +67,36 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     return values.view(state.shape).to(state.dtype)
 
 
-def _dequantize(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return dequantize_nf4(packed, state)
-    return bnb.functional.dequantize_4bit(packed, state.quant_state)  # one CUDA kernel in eager mode
-
-
 class NF4Matmul(torch.autograd.Function):
-    """``x @ W.T`` for a frozen NF4 ``W``: saves the packed bytes (already resident), not ``x`` or the
-    dequantized ``W``."""
+    """``x @ W.T`` for a frozen NF4 ``W`` with bitsandbytes' dequantization kernel: saves the packed
+    bytes (already resident), not ``x`` or the dequantized ``W``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
         ctx.state = state
         ctx.save_for_backward(packed)
-        return x @ _dequantize(packed, state).t()
+        return x @ bnb.functional.dequantize_4bit(packed, state).t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (packed,) = ctx.saved_tensors
-        return grad @ _dequantize(packed, ctx.state), None, None
+        return grad @ bnb.functional.dequantize_4bit(packed, ctx.state), None, None
 
 
 class NF4Linear(Linear4bit):
     """A frozen bitsandbytes NF4 linear with the forward above (peft wraps it like ``Linear4bit``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = NF4Matmul.apply(x.to(self.compute_dtype), self.weight, self.nf4_state)
+        dtype, x = x.dtype, x.to(self.compute_dtype)
+        if torch.compiler.is_compiling():
+            # Plain ops: the compiler fuses the dequantization into one kernel and, like activation
+            # checkpointing, recomputes it in backward rather than keeping the dequantized weight.
+            out = x @ dequantize_nf4(self.weight, self.nf4_state).t()
+        else:
+            out = NF4Matmul.apply(x, self.weight, self.quant_state)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype)
+        return out.to(dtype)
 
 
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, quant_storage: torch.dtype) -> Linear4bit:
