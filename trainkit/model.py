@@ -135,14 +135,43 @@ def _chunk_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> 
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
 
 
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy through a frozen output head (adapter training), chunk by chunk, with
+    the hidden states' gradient computed in the same pass: logits are neither kept nor recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for i in range(0, labels.numel(), step):
+            logits = (hidden[i : i + step] @ weight.t()).float()
+            target = labels[i : i + step]
+            valid = target != -100
+            target = target.clamp(min=0)
+            lse = logits.logsumexp(-1)
+            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(target), device=target.device), target] -= 1
+            grad[i : i + step] = (probs * valid[:, None]).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred tokens
-    at a time: each chunk's logits are recomputed in backward instead of kept, so the full
-    [tokens, vocab] logits (and their float32 copy) never exist."""
+    at a time, so the full [tokens, vocab] logits (and their float32 copy) never exist. A trained
+    head recomputes each chunk's logits in backward; a frozen one is done in forward."""
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     step = max(1, chunk_elements // head.out_features)
+    if torch.is_grad_enabled() and hidden.requires_grad and not head.weight.requires_grad:
+        return FrozenHeadCrossEntropy.apply(hidden, head.weight, labels, step)
     if step >= labels.numel():
         return _chunk_loss(head, hidden, labels)
     chunks = [
