@@ -31,6 +31,7 @@ from trainkit.weights import copy_into, load_hf_weights
 
 ADAPTER = "default"  # peft's adapter name; we train one adapter at a time
 FILE_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model, so where its files name keys
+AC_WRAPPER_NAME = "_checkpoint_wrapped_module."  # the submodule name checkpoint_wrapper puts in parameter names
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 PRESETS = {"attention": ATTENTION, "mlp": MLP, "all-linear": ATTENTION + MLP}
@@ -112,9 +113,21 @@ def init_lora_weights(model: nn.Module) -> None:
 
 
 def _file_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters themselves, under the key names of peft's adapter_model.safetensors."""
-    params = get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True), adapter_name=ADAPTER)
-    return {FILE_PREFIX + key: param for key, param in params.items()}
+    """The adapter parameters themselves, under the key names of peft's adapter_model.safetensors.
+
+    Keyed by parameter names, which match the module names peft walks (a state_dict would not: it
+    drops the name activation checkpointing's wrapper adds, so peft would find no adapter in it)."""
+    params = get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()), adapter_name=ADAPTER)
+    return {FILE_PREFIX + key.replace(AC_WRAPPER_NAME, ""): param for key, param in params.items()}
+
+
+def _gathered(params: list[torch.Tensor]):
+    """ZeRO-3 leaves each rank its partition of a large parameter: gather them whole (a collective)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed  # only DeepSpeed runs get here
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 @torch.no_grad()
@@ -123,10 +136,10 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str) -> Pat
 
     Sharded adapters are gathered first, a collective: call on every rank; rank 0 writes.
     """
-    state = {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-        for k, v in _file_params(model).items()
-    }
+    params = _file_params(model)
+    with _gathered(list(params.values())):
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in params.items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     out = Path(out_dir)
     if dist.is_initialized() and dist.get_rank() != 0:
         return out

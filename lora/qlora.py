@@ -8,10 +8,10 @@ the dtype the frozen base is materialised in and FSDP's ``param_dtype`` (or no m
 The quantization statistics are not parameters; they live, replicated, on the module
 (``module.quant_state``), where the forward finds them after FSDP swaps its gathered weight in.
 
-The forward is ours (``NF4Linear``): bitsandbytes' format and kernels, but an autograd function that
-keeps only the packed bytes for backward and dequantizes again there (a frozen base needs no input
-saved), and under ``torch.compile`` a dequantization in plain torch ops that compiles into one fused
-kernel, which the compiler recomputes instead of saving.
+The forward is ours (``NF4Linear``): bitsandbytes' format and dequantization kernel inside one custom
+op, ``nf4_matmul``, whose backward keeps only the packed bytes and dequantizes again (a frozen base
+needs no input saved); torch.compile treats it as one op, so the 16-bit weight never outlives its
+matmul.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from trainkit.weights import copy_into, load_hf_weights
 
 @dataclass
 class NF4State:
-    """What dequantizing one weight reads, as tensors and ints: torch.compile traces these (it cannot
-    trace bitsandbytes' ``QuantState``, whose ``__getattr__`` breaks the graph; and not frozen: torch
-    compile would take a frozen one for a constant and reuse one layer's tensors for every layer).
+    """What dequantizing one weight reads, as tensors and ints for ``nf4_matmul`` (torch.compile cannot
+    trace bitsandbytes' ``QuantState``, whose ``__getattr__`` breaks the graph; and not frozen: the
+    compiler would take a frozen one for a constant and reuse one layer's tensors for every layer).
     Always double quantized: the per-block absmaxes are 8-bit codes, blockwise-scaled around ``offset``."""
 
     code: torch.Tensor  # the 16 NF4 values
@@ -44,59 +44,74 @@ class NF4State:
     absmax_scale: torch.Tensor  # one per ``absmax_blocksize`` absmax codes
     absmax_blocksize: int
     offset: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
+    shape: list[int]
 
     @classmethod
     def of(cls, state: QuantState) -> NF4State:
         inner = state.state2
         return cls(
             state.code, state.blocksize, state.absmax, inner.code, inner.absmax, inner.blocksize, state.offset,
-            state.shape, state.dtype,
+            list(state.shape),
         )  # fmt: skip
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    """bitsandbytes' NF4 layout in torch ops: two 4-bit codes per byte (high nibble first), one absmax
-    per block of ``state.blocksize`` values."""
-    scale = state.absmax_scale.repeat_interleave(state.absmax_blocksize)[: state.absmax_codes.numel()]
-    absmax = state.absmax_code[state.absmax_codes.int()] * scale + state.offset
-    codes = packed.view(torch.uint8).flatten()
-    nibbles = torch.stack((codes >> 4, codes & 15), dim=-1).flatten()
-    values = state.code[nibbles.int()].view(-1, state.blocksize) * absmax[:, None]
-    return values.view(state.shape).to(state.dtype)
+@torch.library.custom_op("trainkit::nf4_matmul", mutates_args=())
+def nf4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax_codes: torch.Tensor,
+    absmax_code: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    offset: torch.Tensor,
+    blocksize: int,
+    absmax_blocksize: int,
+    shape: list[int],
+    transposed: bool,
+) -> torch.Tensor:
+    """``x @ W.T`` (``x @ W`` when ``transposed``) for an NF4 weight ``W`` of ``shape``, dequantized to
+    ``x``'s dtype by bitsandbytes' kernel. One opaque op, so the 16-bit weight exists only while its
+    matmul runs: torch.compile can neither keep it for backward nor schedule it early."""
+    inner = QuantState(absmax=absmax_scale, code=absmax_code, blocksize=absmax_blocksize, dtype=torch.float32)
+    state = QuantState(
+        absmax=absmax_codes, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type="nf4",
+        dtype=x.dtype, offset=offset, state2=inner,
+    )  # fmt: skip
+    weight = bnb.functional.dequantize_4bit(packed, state)
+    return x @ (weight if transposed else weight.t())
 
 
-class NF4Matmul(torch.autograd.Function):
-    """``x @ W.T`` for a frozen NF4 ``W`` with bitsandbytes' dequantization kernel: saves the packed
-    bytes (already resident), not ``x`` or the dequantized ``W``."""
+@nf4_matmul.register_fake
+def _(x, packed, code, absmax_codes, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, transposed):
+    return x.new_empty(*x.shape[:-1], shape[1] if transposed else shape[0])
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-        ctx.state = state
-        ctx.save_for_backward(packed)
-        return x @ bnb.functional.dequantize_4bit(packed, state).t()
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (packed,) = ctx.saved_tensors
-        return grad @ bnb.functional.dequantize_4bit(packed, ctx.state), None, None
+def _save_quantized_weight(ctx, inputs, output) -> None:
+    # A frozen weight: backward needs neither x nor the dequantized weight, only the packed bytes.
+    ctx.save_for_backward(*inputs[1:7])
+    ctx.layout = inputs[7:]
+
+
+def _input_grad(ctx, grad: torch.Tensor):
+    *layout, transposed = ctx.layout
+    return nf4_matmul(grad, *ctx.saved_tensors, *layout, not transposed), *[None] * 10
+
+
+nf4_matmul.register_autograd(_input_grad, setup_context=_save_quantized_weight)
 
 
 class NF4Linear(Linear4bit):
-    """A frozen bitsandbytes NF4 linear with the forward above (peft wraps it like ``Linear4bit``)."""
+    """A frozen bitsandbytes NF4 linear computed by ``nf4_matmul`` (peft wraps it like ``Linear4bit``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, x = x.dtype, x.to(self.compute_dtype)
-        if torch.compiler.is_compiling():
-            # Plain ops: the compiler fuses the dequantization into one kernel and, like activation
-            # checkpointing, recomputes it in backward rather than keeping the dequantized weight.
-            out = x @ dequantize_nf4(self.weight, self.nf4_state).t()
-        else:
-            out = NF4Matmul.apply(x, self.weight, self.quant_state)
+        s = self.nf4_state
+        out = nf4_matmul(
+            x.to(self.compute_dtype), self.weight, s.code, s.absmax_codes, s.absmax_code, s.absmax_scale, s.offset,
+            s.blocksize, s.absmax_blocksize, s.shape, False,
+        )  # fmt: skip
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return out.to(dtype)
+        return out.to(x.dtype)
 
 
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, quant_storage: torch.dtype) -> Linear4bit:

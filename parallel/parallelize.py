@@ -169,8 +169,9 @@ def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> Transformer:
-    """The plain model under whatever wrapper ``parallelize`` added."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The plain model under whatever wrapper ``parallelize`` (DDP) or the DeepSpeed engine added;
+    both keep it as ``.module``."""
+    return model if isinstance(model, Transformer) else model.module
 
 
 def loss_context(spec: JobSpec):

@@ -157,15 +157,9 @@ def test_random_nf4_base_without_weights(tiny_source):
 
 
 def test_compiled_nf4_blocks_match_eager(tiny_source):
-    """Under torch.compile the NF4 weights dequantize through torch ops (bitsandbytes' layout, double
-    quantization included) instead of bitsandbytes' kernel: same weights, same logits and grads."""
+    """The NF4 matmul op under torch.compile: the eager model's logits and adapter grads."""
     torch.manual_seed(0)  # the same adapter init in both models
     eager = adapter_model(tiny_source, quantized=True)
-    for module in eager.modules():
-        if isinstance(module, lora.qlora.NF4Linear):
-            state = module.quant_state
-            want = bnb.functional.dequantize_4bit(module.weight.data, state)
-            assert torch.equal(lora.qlora.dequantize_nf4(module.weight.data, module.nf4_state), want)
     torch.manual_seed(0)
     compiled = adapter_model(tiny_source, quantized=True)
     for block in compiled.model.layers.values():

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import TINY_MOE
 from tests.test_train import ROOT, TINY, losses, read_metrics, spec_for
@@ -120,6 +122,7 @@ def test_expert_parallel_matches_one_process(cache_dir, tiny_moe_source, tmp_pat
         assert all(r["moe_dropped_fraction"] == 0 for r in read_metrics(tmp_path / name) if "loss" in r)
 
 
+ZERO3_PARTITION_ALL = ROOT / "tests" / "zero3_partition_all.json"
 ADAPTER_CASES = {  # name → (peft preset, overrides on 2 processes)
     "lora_ddp": ("lora", ["parallel=ddp", "train.micro_batch_size=2"]),
     "lora_fsdp": ("lora", ["parallel=fsdp", "train.micro_batch_size=2"]),
@@ -129,6 +132,12 @@ ADAPTER_CASES = {  # name → (peft preset, overrides on 2 processes)
     ),
     "qlora_fsdp": ("qlora", ["parallel=fsdp", "train.micro_batch_size=2"]),
     "qlora_ddp_ac": ("qlora", ["parallel=ddp", "ac=selective", "train.micro_batch_size=2"]),
+    "lora_zero2": ("lora", ["parallel=zero2", "train.micro_batch_size=2"]),
+    # Every parameter partitioned (tiny ones are kept whole by default): adapters are gathered to save.
+    "qlora_zero3": (
+        "qlora",
+        ["parallel=zero3", f"parallel.deepspeed_config={ZERO3_PARTITION_ALL}", "train.micro_batch_size=2"],
+    ),
 }
 
 
@@ -141,4 +150,8 @@ def test_adapters_match_one_process(cache_dir, tiny_source, tmp_path):
         assert_same_run(tmp_path / name, want[preset], FP32_TOLERANCE)
         norms = [r["grad_norm"] for r in read_metrics(tmp_path / name) if "grad_norm" in r]
         assert all(0 < n < float("inf") for n in norms), (name, norms)
-        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
+        got = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        expected = load_file(tmp_path / f"reference_{preset}" / "adapter" / "adapter_model.safetensors")
+        assert got.keys() == expected.keys(), name
+        for key in expected:  # the trained adapters themselves, gathered from every sharding
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")

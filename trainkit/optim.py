@@ -25,12 +25,14 @@ def lr_lambda(spec: JobSpec):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on vectors (norms, biases)."""
+    """No weight decay on vectors (norms, biases). Empty groups are left out: DeepSpeed drops them, and
+    the LR schedule must see the groups the optimizer keeps (adapters alone have no vectors)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
