@@ -186,7 +186,6 @@ TINY_SHAPE = ["model.num_heads=4", "model.num_kv_heads=2", "model.hidden_size=64
         (1, ["peft.method=prefix"], "peft.method='prefix'"),
         (1, ["peft=lora", "peft.r=0"], "peft.r=0 must be >= 1"),
         (2, ["peft=lora", "parallel=tp"], "peft.method=lora with parallel.tp=2"),
-        (2, ["peft=qlora", "parallel=zero3"], "peft.method=qlora with parallel.backend=deepspeed"),
         (1, ["peft=qlora", "model.num_experts=4"], "peft.method=qlora quantizes dense linears only"),
         (2, ["parallel=zero2", "precision=fp16"], "precision=fp16: DeepSpeed has no float16 on the CPU"),
         (

@@ -152,6 +152,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: only after the last step
     eval_batches: int = 8  # global batches of eval rows per evaluation
     checkpoint_every: int = 0  # 0: only after the last step
+    keep_checkpoints: int = 0  # the newest K complete checkpoints stay, older ones are removed; 0: all stay
+    # A step whose loss or gradient norm is not finite: skip it (no update, gradients dropped) or stop
+    # the run without saving it.
+    on_nonfinite: str = "stop"  # stop | skip
     log_every: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -190,6 +194,14 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compile: bool = False  # torch.compile each block (one graph, reused by every layer)
+    # Memory planning (profiling/): the GPU predictions are checked against (h100 | h200 | a100_80g;
+    # None: the visible CUDA device, else h100), a dry run that only predicts and reports, the world
+    # size it assumes (None: WORLD_SIZE or 1), and whether a real run refuses to start when its
+    # predicted memory does not fit the GPU.
+    gpu: Optional[str] = None
+    dry_run: bool = False
+    dry_run_world_size: Optional[int] = None
+    memory_check: bool = True
     cache_dir: str = field(
         default_factory=lambda: os.environ.get("TRAINKIT_CACHE", os.path.expanduser("~/.cache/trainkit"))
     )

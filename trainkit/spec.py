@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.mesh import ParallelDims
+from trainkit.checkpoint import check_resumable
 from trainkit.config import ConfigError, JobConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +26,7 @@ SCHEDULES = ("cosine", "constant")
 AC_MODES = ("none", "full", "every_n", "selective")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 PEFT_METHODS = ("none", "lora", "qlora")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,8 @@ def _check_peft(cfg: JobConfig, dims: ParallelDims, device_type: str) -> None:
     _require(0 <= pe.dropout < 1, f"peft.dropout={pe.dropout} must be in [0, 1)")
     _require(
         dims.tp == 1,
-        f"peft.method={pe.method} with parallel.tp={dims.tp}: adapters compose with DDP / FSDP2 only",
-    )
-    _require(
-        dims.backend == "torch",
-        f"peft.method={pe.method} with parallel.backend=deepspeed is not supported yet: use parallel=fsdp",
+        f"peft.method={pe.method} with parallel.tp={dims.tp}: adapters compose with DDP, FSDP2 and DeepSpeed, "
+        "not tensor parallel: set parallel.tp=1",
     )
     _require(
         not (pe.use_dora and dims.uses_fsdp),
@@ -158,6 +157,25 @@ def _check_peft(cfg: JobConfig, dims: ParallelDims, device_type: str) -> None:
     )
     if pe.method == "qlora":
         _require(cfg.model.num_experts == 0, "peft.method=qlora quantizes dense linears only: use peft=lora for MoE")
+
+
+def _check_recovery(t, dims: ParallelDims) -> None:
+    """Checkpoint retention, non-finite steps, resume."""
+    k = t.keep_checkpoints
+    _require(k >= 0, f"train.keep_checkpoints={k}: keep the newest K >= 1 checkpoints, or 0 for all of them")
+    _require(
+        t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite={t.on_nonfinite!r}: use one of {', '.join(ON_NONFINITE)}"
+    )
+    # DeepSpeed holds the reduced gradients inside its engine, out of the loop's reach until its step.
+    _require(
+        t.on_nonfinite == "stop" or dims.backend == "torch",
+        "train.on_nonfinite=skip with parallel.backend=deepspeed: DeepSpeed cannot drop a step's gradients; "
+        "use train.on_nonfinite=stop",
+    )
+    _require(
+        not (t.resume and t.overwrite),
+        "train.resume=true and train.overwrite=true contradict each other: continue the run or replace it, not both",
+    )
 
 
 def _check_output_dir(t) -> None:
@@ -194,6 +212,7 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
     _check_optim(cfg.optim, t.steps)
     _check_ac(cfg.ac)
     dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
+    _check_recovery(t, dims)
     device_type = _device_type(t.device)
     param_dtype = _dtype("precision.param_dtype", p.param_dtype)
     compute_dtype = _dtype("precision.compute_dtype", p.compute_dtype)
@@ -217,4 +236,5 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
             f"parallel.deepspeed_config={ds_json} does not exist: point it at a DeepSpeed JSON file",
         )
     _check_output_dir(t)
+    check_resumable(cfg, dims)
     return JobSpec(cfg, dims, device_type, param_dtype, compute_dtype)

@@ -3,37 +3,43 @@
 The loss of a step is the mean over every label token of the global batch (all ranks, all
 micro-batches), so any split of the same global batch over ranks and accumulation steps gives the
 same gradients as one process.
+
+Faults: a step whose loss or gradients are not finite is skipped (no update) or stops the run, per
+``train.on_nonfinite``; SIGTERM or SIGUSR1 (Slurm's pre-emption warning) on any rank makes every rank
+save a checkpoint at the end of the current step and return.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import math
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from parallel.engine import build_engine
 from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_world
 from parallel.parallelize import activation_offload, loss_context, parallelize, unwrap
-from trainkit.checkpoint import Checkpointer
+from trainkit.checkpoint import Checkpointer, latest_checkpoint, remove_run
+from trainkit.config import ConfigError
 from trainkit.data import StepSampler, TokenRows, build_datasets
 from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flops
 from trainkit.model import build_model
 from trainkit.spec import JobSpec
 from trainkit.weights import check_model_matches, load_hf_weights, load_tokenizer, prepare_hf_folder, save_hf_state_dict
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-def remove_run(out: Path, metrics_file: str) -> None:
-    """What an earlier run wrote into ``out`` (and only that: the folder may hold the user's files)."""
-    for name in ("checkpoints", "hf", "adapter", "wandb"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (metrics_file, "config.yaml"):
-        (out / name).unlink(missing_ok=True)
+
+class NonFiniteError(ConfigError):
+    """A non-finite loss or gradient norm under ``train.on_nonfinite=stop``; the message names the step."""
 
 
 class Trainer:
@@ -76,10 +82,14 @@ class Trainer:
             init_adapters(unwrap(model), cfg.peft)
         self.weights_dir = weights_dir
         self.engine = build_engine(model, spec, self.world)
-        self.checkpointer = Checkpointer(self.out, self.world)
+        self.checkpointer = Checkpointer(cfg, spec.dims, self.world)
         self.step = 0
-        if cfg.train.resume and (latest := self.checkpointer.latest()) is not None:
-            self.step = self.checkpointer.load(latest, self.engine)
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm
+        self.stop_signal: str | None = None  # the name of a stop signal this rank received
+        self.stopping = False  # some rank received one: save at the end of this step and return
+        if cfg.train.resume and (latest := latest_checkpoint(self.out)) is not None:
+            saved = self.checkpointer.load(latest, self.engine)
+            self.step, self.skipped_steps = saved["step"], saved["skipped_steps"]
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.world.device, cfg.logging)
         self.metrics = None
@@ -137,14 +147,56 @@ class Trainer:
             losses += torch.stack([loss.detach(), aux.detach()])
             slots = [total + n for total, n in zip(slots, model.moe_drop_counts())]
         lr = self.engine.lr
-        grad_norm = self.engine.step()
         totals = torch.cat([losses, torch.tensor(slots, dtype=torch.float64, device=world.device)])
         loss, aux, dropped, routed = all_reduce_sum(totals, world.dp_mesh).tolist()
-        record = {"loss": loss / label_tokens, "grad_norm": grad_norm, "lr": lr, "label_tokens": int(label_tokens)}
+        loss /= label_tokens
+        # One collective over the world: does any rank hold a non-finite gradient, or a stop signal?
+        flags = [not self._local_grads_finite(), self.stop_signal is not None]
+        flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float32, device=world.device)).tolist()
+        self.stopping = self.stopping or flags[1] > 0
+        grad_norm = None
+        if not math.isfinite(loss) or flags[0] > 0:
+            self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss)
+        else:
+            grad_norm = self.engine.step()
+            if not (math.isfinite(grad_norm) or self.spec.cfg.precision.grad_scaler):
+                # DeepSpeed keeps its gradients out of reach until its step, so only its norm tells, after the update.
+                raise NonFiniteError(
+                    f"step {self.step + 1}: the gradient norm is {grad_norm}: stopped after the update, nothing "
+                    "saved; resume from the last checkpoint with a lower optim.lr"
+                )
+        record = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "label_tokens": int(label_tokens)}
         if routed:
             record["moe_aux_loss"] = aux / (t.grad_accum_steps * self.spec.dp_size)
             record["moe_dropped_fraction"] = dropped / routed
         return record
+
+    def _local_grads_finite(self) -> bool:
+        """Whether this rank's gradients (its shards) are finite. Under a grad scaler an overflow is the
+        scaler's to skip and its scale to lower, so it counts as finite here."""
+        if self.spec.cfg.precision.grad_scaler:
+            return True
+        grads = [p.grad for p in self.engine.model.parameters() if p.grad is not None]
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+    def _skip_or_stop(self, what: str, loss: float) -> None:
+        """Handle a non-finite step before any update: every rank agrees, so every rank decides alike."""
+        step, t = self.step + 1, self.spec.cfg.train
+        if t.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {step}: {what} is not finite (loss {loss}): stopped before the update, nothing saved "
+                "(train.on_nonfinite=stop); resume from the last checkpoint with a lower optim.lr, or set "
+                "train.on_nonfinite=skip"
+            )
+        self.engine.optimizer.zero_grad(set_to_none=True)  # no update, and nothing carried into the next step
+        self.skipped_steps += 1
+        if self.world.is_main:
+            print(
+                f"trainkit: step {step}: {what} is not finite (loss {loss}): skipped, no update "
+                f"({self.skipped_steps} skipped so far; train.on_nonfinite=skip)",
+                file=sys.stderr,
+            )
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -179,6 +231,7 @@ class Trainer:
         return {
             "step": self.step,
             **stats,
+            "skipped_steps": self.skipped_steps,
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
@@ -188,9 +241,24 @@ class Trainer:
     def _is_due(self, every: int) -> bool:
         return self.step == self.spec.cfg.train.steps or (every > 0 and self.step % every == 0)
 
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, SIGTERM / SIGUSR1 only note themselves: the step in flight finishes first."""
+
+        def note(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        self.stop_signal, self.stopping = None, False
+        previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def fit(self, stop_at: int | None = None) -> dict:
-        """Train to ``train.steps``; ``stop_at`` ends early after checkpointing that step (for tests
-        and pre-emption), leaving the rest to a resumed run."""
+        """Train to ``train.steps``; ``stop_at`` ends early after checkpointing that step (for tests),
+        and so does a stop signal reaching any rank (pre-emption), leaving the rest to a resumed run."""
         t = self.spec.cfg.train
         stop_at = t.steps if stop_at is None else stop_at
         if self.step == 0:
@@ -205,26 +273,33 @@ class Trainer:
             dynamic_ncols=True,
         )
         record: dict = {}
-        while self.step < stop_at:
-            if self.spec.device_type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            stats = self.train_step()
-            if self.spec.device_type == "cuda":
-                torch.cuda.synchronize()
-            self.step += 1
-            record = self._record(stats, time.perf_counter() - start)
-            if self._is_due(t.eval_every):
-                record["eval_loss"] = self.evaluate()
-            if self.metrics is not None and (self._is_due(t.log_every) or "eval_loss" in record):
-                self.metrics.write(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
-            bar.update(1)
-            if self._is_due(t.checkpoint_every) or self.step == stop_at:
-                self.checkpointer.save(self.engine, self.step)
+        with self._stop_signals():
+            while self.step < stop_at and not self.stopping:
+                if self.spec.device_type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                stats = self.train_step()
+                if self.spec.device_type == "cuda":
+                    torch.cuda.synchronize()
+                self.step += 1
+                record = self._record(stats, time.perf_counter() - start)
+                if self._is_due(t.eval_every):
+                    record["eval_loss"] = self.evaluate()
+                if self.metrics is not None and (self._is_due(t.log_every) or "eval_loss" in record):
+                    self.metrics.write(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+                bar.update(1)
+                if self._is_due(t.checkpoint_every) or self.step == stop_at or self.stopping:
+                    saved = self.checkpointer.save(self.engine, self.step, self.skipped_steps)
         bar.close()
+        if self.stopping and self.world.is_main:
+            print(
+                f"trainkit: {self.stop_signal or 'a stop signal on another rank'}: stopped after step {self.step}, "
+                f"saved {saved}; continue with train.resume=true",
+                file=sys.stderr,
+            )
         if self.step < t.steps:
             return record
         if self.adapters:  # peft's format; lora.merge_adapters gives the merged model
