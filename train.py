@@ -1,7 +1,9 @@
 """trainkit's entry point: ``python train.py [group=option ...] [key=value ...]``.
 
 ``python train.py --cfg job`` prints the composed config; ``torchrun --nproc_per_node=N train.py``
-runs data parallel. Bad input ends with one line on stderr that names the fix, and exit code 2.
+runs data parallel; ``python train.py ... dry_run=true`` predicts each rank's GPU memory without a
+GPU, weights, data or process group. Bad input, or a run predicted not to fit its GPU, ends with
+one line on stderr that names the fix, and exit code 2.
 """
 
 import sys
@@ -9,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from trainkit.cli import check_overrides
+from trainkit.cli import check_overrides, overrides_of
 from trainkit.config import ConfigError, register_schema
 
 register_schema()
@@ -25,7 +27,17 @@ def main(cfg: DictConfig) -> None:
     from trainkit.spec import build_job_spec
 
     try:
-        spec = build_job_spec(cfg)
+        spec = build_job_spec(cfg, cfg.dry_run_world_size if cfg.dry_run else None)
+        overrides = overrides_of(sys.argv[1:])[1]
+        if spec.cfg.dry_run:
+            from profiling.dry_run import dry_run
+
+            dry_run(spec, overrides)
+            return
+        if spec.device_type == "cuda" and spec.cfg.memory_check:
+            from profiling.dry_run import check_fits
+
+            check_fits(spec, overrides)
         from trainkit.trainer import train  # heavy imports only once the config is known to be good
 
         train(spec)

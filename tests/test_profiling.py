@@ -1,0 +1,153 @@
+"""The memory simulator: its output contract, its sanity, its tracing against real saved tensors, and
+every committed GPU measurement predicted again within the stated bounds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from profiling import validate
+from profiling.dry_run import check_fits
+from profiling.hardware import H100
+from profiling.job import spec_of
+from profiling.simulator import cached_trace, predict
+from trainkit.config import ConfigError
+from trainkit.model import build_model, materialize
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "results" / "memory_validation.jsonl"
+SMALL = ["model=smollm2_135m", "model.source=null", "model.num_layers=4", "data.seq_len=256"]
+TOKENIZER = "model.tokenizer=tokenizer"  # composed, never read by the simulator
+
+
+def spec(overrides, world_size=1):
+    return spec_of([*overrides, TOKENIZER, "train.output_dir=/nonexistent/test-profiling"], world_size)
+
+
+def test_dry_run_writes_the_json_contract_and_a_picture(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "train.py", *SMALL, TOKENIZER, "parallel=fsdp", "dry_run=true", "dry_run_world_size=2"]
+        + [f"train.output_dir={out}", "gpu=h200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fits" in done.stdout and "peak allocated" in done.stdout
+    plan = json.loads((tmp_path / "run-dry-run" / "memory_plan.json").read_text())
+    assert plan["gpu_memory_bytes"] == 150_109_028_352 and plan["fits"] is True
+    assert [r["rank"] for r in plan["ranks"]] == [0, 1]
+    for rank in plan["ranks"]:
+        assert rank["peak_reserved_bytes"] >= rank["peak_allocated_bytes"] > 0
+        assert sum(rank["breakdown"].values()) == rank["peak_allocated_bytes"]
+        assert {"parameters", "optimizer_states", "activations"} <= rank["breakdown"].keys()
+    assert "<svg" in (tmp_path / "run-dry-run" / "memory_plan.html").read_text()
+    assert not out.exists()  # the run's own folder stays free for the real run
+
+
+def test_more_shards_never_more_parameter_memory():
+    parameters = [
+        predict(spec([*SMALL, "parallel=fsdp"], world), H100).worst.breakdown["parameters"] for world in (2, 4, 8)
+    ]
+    assert parameters[0] > parameters[1] > parameters[2]
+
+
+def test_checkpointing_keeps_fewer_activations():
+    activations = {
+        ac: predict(spec([*SMALL, f"ac={ac}"]), H100, reserved=False).worst.breakdown["activations"]
+        for ac in ("none", "selective", "full")
+    }
+    assert activations["none"] > activations["selective"] > activations["full"]
+
+
+def test_trace_matches_the_tensors_a_real_cpu_run_saves():
+    """The per-layer activations the trace keeps equal the bytes autograd really saves in the same model
+    on the CPU (float32, grouped-query heads: the CUDA path is the math attention, which the CPU runs too)."""
+    overrides = [
+        "model=smollm2_135m",
+        "model.source=null",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.intermediate_size=128",
+        "precision=fp32",
+        "data.seq_len=32",
+        "data.pack=false",
+        "train.micro_batch_size=2",
+    ]
+    job = spec(overrides)
+    trace = cached_trace(job, 1)
+    live = {}
+    for name, events, *_ in trace.segments:
+        if name == "mb0.head.bwd":
+            break
+        for e in events:
+            if e > 0:
+                live[e - 1] = name
+            else:
+                del live[-e - 1]
+    traced = sum(trace.sizes[u] for u, name in live.items() if trace.categories[u] != "inputs")
+
+    model = materialize(build_model(job.cfg.model), torch.device("cpu"))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, 100, (2, 32))
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, 0.0, True, None, enable_gqa=True)[0]
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = math_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids)
+    finally:
+        F.scaled_dot_product_attention = original
+    real = sum(saved.values()) + loss.untyped_storage().nbytes()
+    assert traced == pytest.approx(real, rel=0.01)
+
+
+def test_a_run_that_does_not_fit_is_refused_with_a_config_that_does():
+    job = spec(
+        ["model=llama3_8b", "model.source=null", "model.num_layers=8", "precision=bf16", "gpu=h100"]
+        + [
+            "train.micro_batch_size=8",
+            "data.seq_len=4096",
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"predicted peak .* nearest config that fits: ac="):
+        check_fits(job, [])
+
+
+def _rows():
+    if not TABLE.exists():
+        return []
+    return [json.loads(line) for line in TABLE.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("row", _rows(), ids=lambda r: f"{r['config']}-rank{r['rank']}")
+def test_committed_measurement_is_predicted_within_bounds(row):
+    assert validate.check_row(row) == []
+
+
+def test_the_regression_check_fails_on_a_wrong_row():
+    rows = _rows()
+    row = dict(rows[0]) if rows else {"config": "small", "overrides": SMALL, "world_size": 1, "gpu": "h100", "rank": 0}
+    predicted = validate.prediction_columns(row["overrides"], row["world_size"], row["gpu"])
+    wrong = {**row, "measured_allocated": predicted["predicted_allocated"] * 1.2}
+    wrong["measured_reserved"] = predicted["predicted_reserved"] * 1.2
+    problems = validate.check_row(wrong)
+    assert len(problems) == 2 and "allocated" in problems[0] and "reserved" in problems[1]
