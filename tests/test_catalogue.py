@@ -82,6 +82,7 @@ TRAINER_CASES = [
     (["data.text_field=body"], "data.text_field='body' is not a column"),
     (["data.source={chat}", "data.kind=chat", "data.format=json"], "data.messages_field='messages' is not a column"),
     (["peft=lora", "peft.target_modules=[qkv_proj]"], "'qkv_proj' is not a linear layer of the blocks"),
+    (["model.vocab_size=1000"], "the tokenizer has 49152 tokens, more than model.vocab_size=1000"),
 ]
 
 

@@ -59,6 +59,11 @@ class Trainer:
         if cfg.model.tokenizer is not None:
             self.tokenizer_dir = prepare_hf_folder(cfg.model.tokenizer, cfg.cache_dir, field="model.tokenizer")
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        if len(self.tokenizer) > cfg.model.vocab_size:  # ids past the embedding: a device-side assert on CUDA
+            raise ConfigError(
+                f"the tokenizer has {len(self.tokenizer)} tokens, more than model.vocab_size={cfg.model.vocab_size}: "
+                "set model.tokenizer to this model's tokenizer, or model.vocab_size to at least that"
+            )
         self.train_rows, self.eval_rows = build_datasets(cfg.data, self.tokenizer, cfg.cache_dir)
         if self.world.is_main:
             barrier()
