@@ -32,10 +32,9 @@ from trainkit.weights import copy_into, load_hf_weights
 
 @dataclass
 class NF4State:
-    """What dequantizing one weight reads, as tensors and ints for ``nf4_matmul`` (torch.compile cannot
-    trace bitsandbytes' ``QuantState``, whose ``__getattr__`` breaks the graph; and not frozen: the
-    compiler would take a frozen one for a constant and reuse one layer's tensors for every layer).
-    Always double quantized: the per-block absmaxes are 8-bit codes, blockwise-scaled around ``offset``."""
+    """What dequantizing one weight reads, as the tensors and ints ``nf4_matmul`` takes (torch.compile
+    cannot trace bitsandbytes' ``QuantState``, whose ``__getattr__`` breaks the graph). Always double
+    quantized: the per-block absmaxes are 8-bit codes, blockwise-scaled around ``offset``."""
 
     code: torch.Tensor  # the 16 NF4 values
     blocksize: int
