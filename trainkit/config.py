@@ -179,6 +179,12 @@ class LoggingConfig:
     metrics_file: str = "metrics.jsonl"
     # Peak dense bf16 FLOP/s used for MFU; None looks the device up in trainkit.metrics.PEAK_FLOPS.
     peak_tflops: Optional[float] = None
+    # CUDA only: time bf16 8192^3 matmuls once at start, logged as matmul_tflops beside peak_tflops.
+    measure_matmul: bool = False
+    # [first, last] step (1-based, inclusive) to trace with torch.profiler into <output_dir>/profile/; []: off.
+    profile_steps: list[int] = field(default_factory=list)
+    # CUDA only: [first, last] step whose allocations go to <output_dir>/memory_snapshot_rank<r>.pickle; []: off.
+    memory_snapshot_steps: list[int] = field(default_factory=list)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -30,7 +30,18 @@ from parallel.parallelize import activation_offload, loss_context, parallelize, 
 from trainkit.checkpoint import Checkpointer, latest_checkpoint, remove_run
 from trainkit.config import ConfigError
 from trainkit.data import StepSampler, TokenRows, build_datasets
-from trainkit.metrics import MetricsLog, cuda_memory, flops_per_token, peak_flops
+from trainkit.metrics import (
+    MetricsLog,
+    PhaseTimer,
+    StepProfiler,
+    adapter_matmul_params,
+    check_step_windows,
+    cuda_memory,
+    flops_per_token,
+    matmul_tflops,
+    peak_flops,
+    phase_postfix,
+)
 from trainkit.model import build_model
 from trainkit.spec import JobSpec
 from trainkit.weights import check_model_matches, load_hf_weights, load_tokenizer, prepare_hf_folder, save_hf_state_dict
@@ -46,7 +57,12 @@ class Trainer:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         cfg = spec.cfg
+        check_step_windows(cfg.logging, cfg.train.steps, spec.device_type)
         self.world: World = init_world(spec.device_type, spec.dims)
+        # Before anything else holds GPU memory; logged with the first record.
+        self.first_record: dict = {}
+        if cfg.logging.measure_matmul and spec.device_type == "cuda" and self.world.is_main:
+            self.first_record = {"matmul_tflops": matmul_tflops(self.world.device)}
         self.out: Path = spec.output_dir
         # Rank 0 converts weights and tokenizes first; the others wait, then read its caches.
         if not self.world.is_main:
@@ -72,11 +88,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and world size
         model = build_model(cfg.model)
         self.adapters = cfg.peft.method != "none"
+        adapter_params = None  # a full fine-tune: every weight gets a weight gradient
         if self.adapters:
             # peft and bitsandbytes take ~2 s to import (on every rank): only adapter jobs pay it.
             from lora import apply_adapters, init_adapters, load_weights
 
             apply_adapters(model, spec)  # before the parallel plan, so it shards them with their blocks
+            adapter_params = adapter_matmul_params(model)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, adapter_params)
         model = parallelize(model, spec, self.world)
         if self.adapters:  # without weights: QLoRA still quantizes a random base
             load_weights(unwrap(model), weights_dir, spec, self.world.device)
@@ -95,8 +114,11 @@ class Trainer:
         if cfg.train.resume and (latest := latest_checkpoint(self.out)) is not None:
             saved = self.checkpointer.load(latest, self.engine)
             self.step, self.skipped_steps = saved["step"], saved["skipped_steps"]
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.world.device, cfg.logging)
+        if self.first_record and self.peak_flops is not None:
+            self.first_record["peak_tflops"] = self.peak_flops / 1e12
+        self.timer = PhaseTimer(self.world.device)
+        self.profiler = StepProfiler(cfg.logging, self.out, self.world.rank, self.world.device)
         self.metrics = None
         if self.world.is_main:
             if cfg.train.overwrite and self.step == 0:
@@ -130,10 +152,11 @@ class Trainer:
         return {k: v.to(self.world.device, non_blocking=True) for k, v in rows.batch(indices).items()}
 
     def train_step(self) -> dict:
-        t, world = self.spec.cfg.train, self.world
-        micro = self.sampler.micro_batches(self.step, world.dp_rank, self.spec.dp_size, t.grad_accum_steps)
-        batches = [self._to_device(self.train_rows, idx) for idx in micro]
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        t, world, timer = self.spec.cfg.train, self.world, self.timer
+        with timer.phase("data"):
+            micro = self.sampler.micro_batches(self.step, world.dp_rank, self.spec.dp_size, t.grad_accum_steps)
+            batches = [self._to_device(self.train_rows, idx) for idx in micro]
+            local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         label_tokens = torch.tensor([local_tokens], dtype=torch.float64, device=world.device)
         label_tokens = all_reduce_sum(label_tokens, world.dp_mesh).item()
         # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
@@ -146,9 +169,11 @@ class Trainer:
         for i, batch in enumerate(batches):
             self.engine.set_gradient_sync(i == len(batches) - 1)
             with loss_context(self.spec), activation_offload(self.spec.cfg.ac, world.device):
-                loss = self._loss_sum(batch)
-                aux = model.moe_aux_loss()  # the load balance of this micro-batch's routing; 0 if dense
-                self.engine.backward(loss * scale + aux * aux_weight)
+                with timer.phase("forward"):
+                    loss = self._loss_sum(batch)
+                    aux = model.moe_aux_loss()  # the load balance of this micro-batch's routing; 0 if dense
+                with timer.phase("backward"):
+                    self.engine.backward(loss * scale + aux * aux_weight)
             losses += torch.stack([loss.detach(), aux.detach()])
             slots = [total + n for total, n in zip(slots, model.moe_drop_counts())]
         lr = self.engine.lr
@@ -163,7 +188,8 @@ class Trainer:
         if not math.isfinite(loss) or flags[0] > 0:
             self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss)
         else:
-            grad_norm = self.engine.step()
+            with timer.phase("optimizer"):
+                grad_norm = self.engine.step()
             if not (math.isfinite(grad_norm) or self.spec.cfg.precision.grad_scaler):
                 # DeepSpeed keeps its gradients out of reach until its step, so only its norm tells, after the update.
                 raise NonFiniteError(
@@ -240,8 +266,14 @@ class Trainer:
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
+            **self.timer.times(step_time),
             **cuda_memory(self.world.device),
         }
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write({**record, **self.first_record})
+            self.first_record = {}
 
     def _is_due(self, every: int) -> bool:
         return self.step == self.spec.cfg.train.steps or (every > 0 and self.step % every == 0)
@@ -268,8 +300,8 @@ class Trainer:
         stop_at = t.steps if stop_at is None else stop_at
         if self.step == 0:
             baseline = self.evaluate()  # the eval loss to fall from
-            if self.metrics is not None and baseline is not None:
-                self.metrics.write({"step": 0, "eval_loss": baseline})
+            if baseline is not None:
+                self._write({"step": 0, "eval_loss": baseline})
         self.engine.model.train()
         bar = tqdm(
             total=t.steps,
@@ -280,25 +312,31 @@ class Trainer:
         record: dict = {}
         with self._stop_signals():
             while self.step < stop_at and not self.stopping:
-                if self.spec.device_type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                stats = self.train_step()
-                if self.spec.device_type == "cuda":
-                    torch.cuda.synchronize()
+                with self.profiler.step(self.step + 1):  # starting and exporting traces stay out of the step time
+                    if self.spec.device_type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    stats = self.train_step()
+                    if self.spec.device_type == "cuda":
+                        torch.cuda.synchronize()
+                    step_time = time.perf_counter() - start
                 self.step += 1
-                record = self._record(stats, time.perf_counter() - start)
+                record = self._record(stats, step_time)
                 if self._is_due(t.eval_every):
                     record["eval_loss"] = self.evaluate()
-                if self.metrics is not None and (self._is_due(t.log_every) or "eval_loss" in record):
-                    self.metrics.write(record)
+                if self._is_due(t.log_every) or "eval_loss" in record:
+                    self._write(record)
                 bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    ms=phase_postfix(record),
                 )
                 bar.update(1)
                 if self._is_due(t.checkpoint_every) or self.step == stop_at or self.stopping:
                     saved = self.checkpointer.save(self.engine, self.step, self.skipped_steps)
         bar.close()
+        self.profiler.finish()
         if self.stopping and self.world.is_main:
             print(
                 f"trainkit: {self.stop_signal or 'a stop signal on another rank'}: stopped after step {self.step}, "
