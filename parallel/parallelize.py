@@ -102,7 +102,7 @@ def apply_compile(model: Transformer) -> None:
 
     Blocks share one graph, so compilation costs one block's time however deep the model is;
     ``Module.compile`` works in place, keeping parameter names, and FSDP2's hooks stay outside the
-    graph. Not ``fullgraph``: bitsandbytes' 4-bit matmul and peft's adapters break the graph.
+    graph. Not ``fullgraph``: code the compiler cannot trace runs eagerly instead of failing the job.
     """
     for block in model.model.layers.values():
         block.compile()
