@@ -98,9 +98,11 @@ def apply_ac(model: Transformer, ac: ACConfig) -> None:
 
 
 def apply_compile(model: Transformer) -> None:
-    """Compile each block (inside its AC wrapper, so recomputation replays the compiled graph).
+    """Compile each block together with its AC wrapper: the compiler sees the checkpointed region and
+    recomputes in backward only what backward needs.
 
-    Blocks share one graph, so compilation costs one block's time however deep the model is;
+    Blocks share one graph (the first block, whose input needs no gradient under adapters, gets a
+    second), so compilation costs about one block's time however deep the model is;
     ``Module.compile`` works in place, keeping parameter names, and FSDP2's hooks stay outside the
     graph. Not ``fullgraph``: code the compiler cannot trace runs eagerly instead of failing the job.
     """
