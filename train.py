@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from trainkit.cli import check_overrides, overrides_of
+from trainkit.cli import compose_config, overrides_of
 from trainkit.config import ConfigError, register_schema
 
 register_schema()
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_overrides(sys.argv[1:])
+        compose_config(sys.argv[1:])
     except ConfigError as err:
         fail(err)
     main()

@@ -20,12 +20,9 @@ import signal
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from trainkit.checkpoint import remove_run
-from trainkit.cli import CONFIG_DIR, check_overrides
-from trainkit.config import ConfigError, JobConfig, ParallelConfig, register_schema
+from trainkit.cli import compose_config
+from trainkit.config import ConfigError, ParallelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_GPUS_PER_NODE = 8  # --slurm's default node size
@@ -70,13 +67,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.rdzv_endpoint is None and "MASTER_ADDR" in os.environ:
             args.rdzv_endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29500')}"
     return args
-
-
-def compose_config(overrides: list[str]) -> JobConfig:
-    check_overrides(overrides)  # one line for a bad key, type or option
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return OmegaConf.to_object(compose("train", overrides=overrides))
 
 
 def degrees_product(p: ParallelConfig) -> int | None:

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 
 from profiling.hardware import GiB, resolve_gpu
-from profiling.job import compose_config
 from profiling.roofline import step_time
 from profiling.simulator import predict
+from trainkit.cli import compose_config
 from trainkit.config import ConfigError, JobConfig
 from trainkit.spec import build_job_spec
 

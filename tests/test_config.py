@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from trainkit.cli import check_overrides
+from trainkit.cli import compose_config
 from trainkit.config import ConfigError, JobConfig, register_schema
 from trainkit.spec import build_job_spec
 
@@ -62,12 +62,12 @@ def test_cfg_job_prints_composed_config_with_every_shape_override():
 )
 def test_composition_errors_name_the_key(override, expected):
     with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
-        check_overrides([override])
+        compose_config([override])
     assert "\n" not in str(info.value)
 
 
 def test_good_overrides_pass_and_hydra_flags_are_skipped():
-    check_overrides(["--cfg", "job", "model=llama3_2_1b", "train.steps=5", "hydra.run.dir=x"])
+    compose_config(["--cfg", "job", "model=llama3_2_1b", "train.steps=5", "hydra.run.dir=x"])
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Command-line composition checks: a bad key, type or option becomes one line that names the fix.
 
 Hydra reports composition errors as several lines and suggests ``+key=value``, which a typed schema
-refuses anyway. ``check_overrides`` composes the command line's overrides once with Hydra's compose
-API before ``hydra.main`` runs and turns any failure into a ``ConfigError`` with one line.
+refuses anyway. ``compose_config`` composes the command line's overrides once with Hydra's compose
+API (before ``hydra.main`` runs, in ``train.py``) and turns any failure into a ``ConfigError`` with one
+line; the launcher and the memory planner take the typed config it returns.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def overrides_of(argv: list[str]) -> tuple[str, list[str]]:
     return config_name, overrides
 
 
-def check_overrides(argv: list[str]) -> None:
+def compose_config(argv: list[str]) -> JobConfig:
+    """The typed config of ``python train.py <argv>``; a bad key, type or option raises ``ConfigError``."""
     config_name, overrides = overrides_of(argv)
     for override in overrides:
         # Hydra lets '+key=value' add keys to a typed config; trainkit has none to add.
@@ -89,6 +91,6 @@ def check_overrides(argv: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = compose(config_name, overrides=overrides)
-        OmegaConf.to_object(cfg)  # '+key=value' slips past composition; the typed object does not
+        return OmegaConf.to_object(cfg)  # '+key=value' slips past composition; the typed object does not
     except Exception as err:  # every composition failure is a config error here
         raise ConfigError(_explain(err)) from err
