@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainkit.config import ConfigError, LoggingConfig, ModelConfig
+from trainkit.config import LoggingConfig, ModelConfig
 from trainkit.model import head_dim
 
 # Dense bf16 peak FLOP/s (without sparsity) by device-name fragment, from the vendors' data sheets.
@@ -137,23 +137,6 @@ def phase_postfix(record: dict) -> str:
     """The step's phases in milliseconds, short enough for the progress bar."""
     short = {"data": "data", "forward": "fwd", "backward": "bwd", "optimizer": "opt", "other": "other"}
     return " ".join(f"{label} {record[f'time_{name}_s'] * 1e3:.0f}" for name, label in short.items())
-
-
-def check_step_windows(cfg: LoggingConfig, steps: int, device_type: str) -> None:
-    """Refuse a profiler or memory-snapshot window other than [first, last] inside 1..train.steps, and
-    memory snapshots off CUDA."""
-    for name in ("profile_steps", "memory_snapshot_steps"):
-        window = list(getattr(cfg, name))
-        if window and not (len(window) == 2 and 1 <= window[0] <= window[1] <= steps):
-            raise ConfigError(
-                f"logging.{name}={window} must be [first,last] with 1 <= first <= last <= train.steps={steps}, "
-                "or [] for off"
-            )
-    if cfg.memory_snapshot_steps and device_type != "cuda":
-        raise ConfigError(
-            "logging.memory_snapshot_steps records CUDA allocations and this run is on the CPU: run it on a GPU, "
-            "or use logging.profile_steps for a CPU trace"
-        )
 
 
 def _within(step: int, window: list[int]) -> bool:

@@ -188,6 +188,22 @@ def _check_output_dir(t) -> None:
     )
 
 
+def _check_logging(cfg, steps: int, device_type: str) -> None:
+    """Profiler and memory-snapshot windows: [first, last] inside 1..train.steps; snapshots on CUDA only."""
+    for name in ("profile_steps", "memory_snapshot_steps"):
+        window = list(getattr(cfg, name))
+        _require(
+            not window or (len(window) == 2 and 1 <= window[0] <= window[1] <= steps),
+            f"logging.{name}={window} must be [first,last] with 1 <= first <= last <= train.steps={steps}, "
+            "or [] for off",
+        )
+    _require(
+        not cfg.memory_snapshot_steps or device_type == "cuda",
+        "logging.memory_snapshot_steps records CUDA allocations and this run is on the CPU: run it on a GPU, "
+        "or use logging.profile_steps for a CPU trace",
+    )
+
+
 def _device_type(requested: str) -> str:
     _require(requested in ("auto", "cpu", "cuda"), f"train.device={requested!r}: use auto, cpu or cuda")
     if requested == "auto":
@@ -214,6 +230,7 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
     dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
     _check_recovery(t, dims)
     device_type = _device_type(t.device)
+    _check_logging(cfg.logging, t.steps, device_type)
     param_dtype = _dtype("precision.param_dtype", p.param_dtype)
     compute_dtype = _dtype("precision.compute_dtype", p.compute_dtype)
     _require(

@@ -35,7 +35,6 @@ from trainkit.metrics import (
     PhaseTimer,
     StepProfiler,
     adapter_matmul_params,
-    check_step_windows,
     cuda_memory,
     flops_per_token,
     matmul_tflops,
@@ -57,7 +56,6 @@ class Trainer:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         cfg = spec.cfg
-        check_step_windows(cfg.logging, cfg.train.steps, spec.device_type)
         self.world: World = init_world(spec.device_type, spec.dims)
         # Before anything else holds GPU memory; logged with the first record.
         self.first_record: dict = {}
@@ -97,13 +95,13 @@ class Trainer:
             adapter_params = adapter_matmul_params(model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, adapter_params)
         model = parallelize(model, spec, self.world)
-        if self.adapters:  # without weights: QLoRA still quantizes a random base
-            load_weights(unwrap(model), weights_dir, spec, self.world.device)
-        elif weights_dir is not None:
-            load_hf_weights(unwrap(model), weights_dir)
         if self.adapters:
+            # Without weights (model.source=null) QLoRA still quantizes a random base.
+            load_weights(unwrap(model), weights_dir, spec, self.world.device)
             torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
             init_adapters(unwrap(model), cfg.peft)
+        elif weights_dir is not None:
+            load_hf_weights(unwrap(model), weights_dir)
         self.weights_dir = weights_dir
         self.engine = build_engine(model, spec, self.world)
         self.checkpointer = Checkpointer(cfg, spec.dims, self.world)
