@@ -5,8 +5,9 @@ whose parameter already has the packed shape ``[out * in / 2 / itemsize, 1]`` in
 ``quant_storage`` dtype: FSDP2 shards and gathers it like any frozen weight (bitsandbytes' FSDP
 layout; torch 2.11's FSDP2 refuses uint8 parameters). Nothing may cast it: the storage dtype must be
 the dtype the frozen base is materialised in and FSDP's ``param_dtype`` (or no mixed precision).
-The quantization statistics are not parameters; they live, replicated, on the module
-(``module.quant_state``), where the forward finds them after FSDP swaps its gathered weight in.
+The quantization statistics are not parameters; they live, replicated, on the module, where they
+survive FSDP swapping its gathered weight in: ``module.quant_state`` for bitsandbytes and peft (merge,
+DoRA), ``module.nf4_state`` (the same tensors) for the forward.
 
 The forward is ours (``NF4Linear``): bitsandbytes' format and dequantization kernel inside one custom
 op, ``nf4_matmul``, whose backward keeps only the packed bytes and dequantizes again (a frozen base
