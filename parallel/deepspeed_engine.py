@@ -111,10 +111,16 @@ class DeepSpeedEngine:
         # The loop's loss is already a mean over the global batch: no division by accumulation steps.
         self.model.backward(loss, scale_wrt_gas=False)
 
+    def clip_grads(self) -> None:
+        """Nothing to do before the step: DeepSpeed clips inside it, and its norm exists only after it."""
+
     def step(self) -> float:
         """Clip (DeepSpeed's gradient_clipping), step and advance the schedule; returns the norm before clipping."""
         self.model.step()
         return float(self.model.get_global_grad_norm())
+
+    def skip(self) -> None:
+        self.model.optimizer.zero_grad()
 
     @property
     def lr(self) -> float:

@@ -3,8 +3,8 @@
 ``TorchEngine`` drives the models ``parallelize`` returns (single process, DDP, FSDP2, TP, EP): a
 torch optimizer, an LR schedule, a grad scaler, and DCP-ready state dicts. The DeepSpeed engine in
 ``parallel.deepspeed_engine`` offers the same methods. The loop calls, per optimizer step:
-``set_gradient_sync`` and ``backward`` for each micro-batch, then ``step``; and ``model`` for
-forward passes, ``save`` / ``load`` for checkpoints, ``full_state_dict`` for the HF export.
+``set_gradient_sync`` and ``backward`` for each micro-batch, then ``clip_grads`` and ``step`` (or
+``skip``); and ``model`` for forward passes, ``save`` / ``load`` for checkpoints, ``full_state_dict`` for the HF export.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class TorchEngine:
         adapters = spec.cfg.peft.method != "none"
         self.state_options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
         self.optimizer = build_optimizer(model, spec)
+        # Walking a large model's module tree each step costs milliseconds of idle GPU; what trains is fixed.
+        self.trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
         self.scaler = torch.amp.GradScaler(spec.device_type, enabled=spec.cfg.precision.grad_scaler)
 
@@ -63,18 +65,27 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> float:
-        """Unscale, clip, step and advance the schedule; returns the gradient norm before clipping."""
+    def clip_grads(self) -> torch.Tensor:
+        """Unscale and clip (``grad_clip`` 0: measure only); returns the global gradient norm before
+        clipping, left on the device so that the loop reads it with the loss in one synchronisation."""
         self.scaler.unscale_(self.optimizer)
         if self.spec.dims.ep > 1:
             torch._foreach_div_([p.grad for p in self.expert_params], self.spec.dims.ep)
         clip = self.spec.cfg.optim.grad_clip
-        norm = clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        return clip_grad_norm_(self.trained, clip if clip > 0 else math.inf)
+
+    def step(self) -> None:
+        """Apply the clipped gradients and advance the schedule."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
+
+    def skip(self) -> None:
+        """Drop this step's gradients: no update, nothing carried into the next step."""
+        if self.scaler.is_enabled():
+            self.scaler.update()  # closes the step clip_grads unscaled; the scale reacts as to an overflow
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def lr(self) -> float:

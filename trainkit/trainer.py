@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from parallel.engine import build_engine
@@ -29,7 +28,7 @@ from parallel.mesh import World, all_reduce_sum, barrier, close_world, init_worl
 from parallel.parallelize import activation_offload, loss_context, parallelize, unwrap
 from trainkit.checkpoint import Checkpointer, latest_checkpoint, remove_run
 from trainkit.config import ConfigError
-from trainkit.data import StepSampler, TokenRows, build_datasets
+from trainkit.data import StepSampler, build_datasets
 from trainkit.metrics import (
     MetricsLog,
     PhaseTimer,
@@ -146,20 +145,22 @@ class Trainer:
         )
         return loss.full_tensor()
 
-    def _to_device(self, rows: TokenRows, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.world.device, non_blocking=True) for k, v in rows.batch(indices).items()}
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> dict:
         t, world, timer = self.spec.cfg.train, self.world, self.timer
         with timer.phase("data"):
             micro = self.sampler.micro_batches(self.step, world.dp_rank, self.spec.dp_size, t.grad_accum_steps)
-            batches = [self._to_device(self.train_rows, idx) for idx in micro]
-            local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+            rows = [self.train_rows.batch(idx) for idx in micro]
+            local_tokens = sum(int((r["labels"] != -100).sum()) for r in rows)  # on the host: no wait for the GPU
+            batches = [self._to_device(r) for r in rows]
         label_tokens = torch.tensor([local_tokens], dtype=torch.float64, device=world.device)
-        label_tokens = all_reduce_sum(label_tokens, world.dp_mesh).item()
+        label_tokens = all_reduce_sum(label_tokens, world.dp_mesh)
         # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
-        # over every label token of the global batch. TP ranks share a batch and a loss.
-        scale = self.spec.dp_size / label_tokens
+        # over every label token of the global batch. TP ranks share a batch and a loss. A device
+        # tensor, so that the step reads nothing back before its end.
+        scale = (self.spec.dp_size / label_tokens[0]).float()
         losses = torch.zeros(2, dtype=torch.float64, device=world.device)  # CE and MoE aux, summed
         slots = [0, 0]  # MoE token-slots dropped over capacity, and routed
         aux_weight = self.spec.cfg.model.router_aux_loss_coef / t.grad_accum_steps
@@ -175,20 +176,28 @@ class Trainer:
             losses += torch.stack([loss.detach(), aux.detach()])
             slots = [total + n for total, n in zip(slots, model.moe_drop_counts())]
         lr = self.engine.lr
+        with timer.phase("optimizer"):
+            norm = self.engine.clip_grads()  # global, before clipping; None under DeepSpeed (known after its step)
         totals = torch.cat([losses, torch.tensor(slots, dtype=torch.float64, device=world.device)])
-        loss, aux, dropped, routed = all_reduce_sum(totals, world.dp_mesh).tolist()
+        totals = all_reduce_sum(totals, world.dp_mesh)
+        # Any rank's stop signal stops every rank: summed over the whole world, not only data-parallel ranks.
+        stop = torch.tensor([float(self.stop_signal is not None)], dtype=torch.float64, device=world.device)
+        parts = [totals, all_reduce_sum(stop), label_tokens]
+        parts += [] if norm is None else [norm.detach().to(totals).view(1)]
+        values = torch.cat(parts).tolist()  # the step's one synchronisation: the GPU idles while the host waits
+        loss, aux, dropped, routed, stop, label_tokens = values[:6]
+        grad_norm = values[6] if norm is not None else None
         loss /= label_tokens
-        # One collective over the world: does any rank hold a non-finite gradient, or a stop signal?
-        flags = [not self._local_grads_finite(), self.stop_signal is not None]
-        flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float32, device=world.device)).tolist()
-        self.stopping = self.stopping or flags[1] > 0
-        grad_norm = None
-        if not math.isfinite(loss) or flags[0] > 0:
+        self.stopping = self.stopping or stop > 0
+        scaled = self.spec.cfg.precision.grad_scaler  # an overflow is the scaler's to skip and its scale to lower
+        if not math.isfinite(loss) or not (grad_norm is None or math.isfinite(grad_norm) or scaled):
             self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss)
+            grad_norm = None
         else:
             with timer.phase("optimizer"):
-                grad_norm = self.engine.step()
-            if not (math.isfinite(grad_norm) or self.spec.cfg.precision.grad_scaler):
+                after = self.engine.step()
+            grad_norm = grad_norm if after is None else after
+            if not (math.isfinite(grad_norm) or scaled):
                 # DeepSpeed keeps its gradients out of reach until its step, so only its norm tells, after the update.
                 raise NonFiniteError(
                     f"step {self.step + 1}: the gradient norm is {grad_norm}: stopped after the update, nothing "
@@ -200,15 +209,6 @@ class Trainer:
             record["moe_dropped_fraction"] = dropped / routed
         return record
 
-    def _local_grads_finite(self) -> bool:
-        """Whether this rank's gradients (its shards) are finite. Under a grad scaler an overflow is the
-        scaler's to skip and its scale to lower, so it counts as finite here."""
-        if self.spec.cfg.precision.grad_scaler:
-            return True
-        grads = [p.grad for p in self.engine.model.parameters() if p.grad is not None]
-        grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-
     def _skip_or_stop(self, what: str, loss: float) -> None:
         """Handle a non-finite step before any update: every rank agrees, so every rank decides alike."""
         step, t = self.step + 1, self.spec.cfg.train
@@ -218,7 +218,7 @@ class Trainer:
                 "(train.on_nonfinite=stop); resume from the last checkpoint with a lower optim.lr, or set "
                 "train.on_nonfinite=skip"
             )
-        self.engine.optimizer.zero_grad(set_to_none=True)  # no update, and nothing carried into the next step
+        self.engine.skip()
         self.skipped_steps += 1
         if self.world.is_main:
             print(
@@ -244,7 +244,7 @@ class Trainer:
             start = b * self.spec.global_batch_size + self.world.dp_rank * per_rank
             mine = [i % n for i in range(start, start + per_rank)]
             for m in range(0, per_rank, t.micro_batch_size):
-                batch = self._to_device(self.eval_rows, mine[m : m + t.micro_batch_size])
+                batch = self._to_device(self.eval_rows.batch(mine[m : m + t.micro_batch_size]))
                 with loss_context(self.spec):
                     totals[0] += self._loss_sum(batch).double()
                 totals[1] += (batch["labels"] != -100).sum()
