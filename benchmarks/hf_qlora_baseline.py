@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import bitsandbytes as bnb
 import torch
+from common import time_steps, timing
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from trainkit.metrics import cuda_memory
 
 
 def main() -> None:
@@ -57,29 +58,22 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
 
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    step_times, losses = [], []
-    for _ in range(args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).cuda()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step(ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    stats = torch.cuda.memory_stats()
-    step_time = statistics.median(step_times[args.warmup :])
+        return loss
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    batches = (torch.randint(0, vocab, (args.batch, args.seq), generator=generator) for _ in range(args.steps))
+    step_times, losses = time_steps(step, batches, torch.device("cuda"))
     row = {
         "name": "transformers + peft + bitsandbytes",
-        "tokens_per_s": args.batch * args.seq / step_time,
-        "step_time_s": step_time,
-        "max_memory_allocated_bytes": stats["allocated_bytes.all.peak"],
-        "max_memory_reserved_bytes": stats["reserved_bytes.all.peak"],
+        **timing(step_times, args.warmup, args.batch * args.seq),
+        **cuda_memory(torch.device("cuda")),
         "trainable_params": sum(p.numel() for p in trainable),
         "nf4_linears": quantized,
         "losses": losses,

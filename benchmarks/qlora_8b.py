@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import header, model_config, run_baseline, run_trainkit, run_variants, trainkit_row, write_result
 
-from trainkit.config import register_schema
 from trainkit.model import build_model, materialize, set_param_dtypes
 from trainkit.weights import save_hf_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH, SEQ = 2, 2048
-
-
-def model_config(overrides: list[str]):
-    register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose("train", overrides=overrides).model
 
 
 def write_random_checkpoint(folder: Path, tokenizer: str) -> None:
@@ -45,11 +33,9 @@ def write_random_checkpoint(folder: Path, tokenizer: str) -> None:
     save_hf_state_dict(model.state_dict(), cfg, folder, tokenizer_folder=tokenizer)
 
 
-def trainkit_row(name: str, overrides: str, args, work: Path) -> dict:
-    out = work / name
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
+def trainkit_variant(name: str, overrides: str, args) -> dict:
+    out = args.work / name
+    job = [
         "model=llama3_8b",
         f"model.source={args.weights}",
         "model.tokenizer=null",  # the checkpoint folder carries the tokenizer
@@ -64,25 +50,10 @@ def trainkit_row(name: str, overrides: str, args, work: Path) -> dict:
         f"train.micro_batch_size={BATCH}",
         f"train.steps={args.steps}",
         "train.eval_batches=1",
-        f"train.output_dir={out}",
-        "train.overwrite=true",
-        "logging.progress_bar=false",
-        f"cache_dir={work / 'cache'}",
+        f"cache_dir={args.work / 'cache'}",
         *overrides.split(),
     ]
-    subprocess.run(command, check=True, cwd=ROOT)
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
-    step_time = statistics.median(r["step_time_s"] for r in steps[args.warmup :])
-    return {
-        "name": name,
-        "overrides": overrides,
-        "tokens_per_s": BATCH * SEQ / step_time,
-        "step_time_s": step_time,
-        "max_memory_allocated_bytes": max(r["max_memory_allocated_bytes"] for r in steps),
-        "max_memory_reserved_bytes": max(r["max_memory_reserved_bytes"] for r in steps),
-        "losses": [r["loss"] for r in steps],
-    }
+    return trainkit_row(name, overrides, run_trainkit(job, out), args.warmup, BATCH * SEQ)
 
 
 def main() -> None:
@@ -103,45 +74,32 @@ def main() -> None:
         write_random_checkpoint(args.weights, args.tokenizer)
     args.work.mkdir(parents=True, exist_ok=True)
     baseline_file = args.work / "baseline.json"
-    if not args.skip_baseline:
-        subprocess.run(
+    if args.skip_baseline:
+        baseline = json.loads(baseline_file.read_text())
+    else:
+        baseline = run_baseline(
+            "hf_qlora_baseline.py",
             [
-                sys.executable,
-                str(ROOT / "benchmarks" / "hf_qlora_baseline.py"),
                 f"--weights={args.weights}",
-                f"--out={baseline_file}",
                 f"--steps={args.steps}",
                 f"--warmup={args.warmup}",
                 f"--batch={BATCH}",
                 f"--seq={SEQ}",
             ],
-            check=True,
+            baseline_file,
         )
-    baseline = json.loads(baseline_file.read_text())
-    rows = [baseline]
-    for variant in args.variant:
-        name, _, overrides = variant.partition("=")
-        try:
-            row = trainkit_row(name, overrides, args, args.work)
-        except subprocess.CalledProcessError as error:  # keep the other rows; the log shows why
-            rows.append({"name": name, "overrides": overrides, "error": str(error)})
-            continue
-        row["speedup"] = row["tokens_per_s"] / baseline["tokens_per_s"]
-        row["memory_ratio"] = row["max_memory_allocated_bytes"] / baseline["max_memory_allocated_bytes"]
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
-    result = {
-        "benchmark": "QLoRA, Llama-3-8B shape (random init), LoRA r=16 all linear, B2 x S2048, bf16",
-        "hardware": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "versions": {p: version(p) for p in ("transformers", "peft", "bitsandbytes")},
-        "commit": args.commit,
-        "steps": args.steps,
-        "timed_steps": f"median step time of steps {args.warmup + 1}..{args.steps}",
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        baseline,
+        *run_variants(args.variant, lambda name, overrides: trainkit_variant(name, overrides, args), baseline),
+    ]
+    result = header(
+        "QLoRA, Llama-3-8B shape (random init), LoRA r=16 all linear, B2 x S2048, bf16",
+        args.commit,
+        args.steps,
+        args.warmup,
+        ("transformers", "peft", "bitsandbytes"),
+    )
+    write_result(args.out, {**result, "rows": rows})
 
 
 if __name__ == "__main__":
