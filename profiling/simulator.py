@@ -223,7 +223,7 @@ class StepComposer:
 
     def _template(self, index: int, real: int, proto: int) -> list[tuple]:
         """Segment ``index``'s events for real layer ``real`` (traced as ``proto``), as (layer offset or
-        None for the root, uid, +size / -size, category). A uid of another traced layer stands for
+        None for the root, uid, allocation or free, rounded size, category). A uid of another traced layer stands for
         the uid in the same position of the real layer as far away, traced as whichever layer
         stands for that one. Templates depend only on the traced layers around ``real``: cached."""
         context = (index, proto, tuple(self.proto.proto(real - proto + q) for q in self.referenced[index]))
@@ -241,8 +241,9 @@ class StepComposer:
                     target_proto = self.proto.proto(real + offset)
                     if target_proto != owner:
                         uid = self.allocs[(target_proto, self.kind[uid])][self.trace.order[uid]]
-                size = round_size(self.trace.sizes[uid])
-                template.append((offset, uid, size if event > 0 else -size, category))
+                # The event's sign, not the size's, tells an allocation from a free: an empty storage
+                # (torch 2.11's checkpoint saves its inputs on one) has size 0 at both ends.
+                template.append((offset, uid, event > 0, round_size(self.trace.sizes[uid]), category))
             self.templates[context] = template
         return template
 
@@ -250,9 +251,9 @@ class StepComposer:
         """The trace's events of one segment for real layer ``real``; returns the gradients born."""
         grads, p, instance = [], self.p, self.instance
         for index in self._segments(mb, suffix):
-            for offset, uid, size, category in self._template(index, real, proto):
+            for offset, uid, allocation, size, category in self._template(index, real, proto):
                 key = (instance, "root", uid) if offset is None else (instance, real + offset, uid)
-                if size >= 0:
+                if allocation:
                     p.push(key, size, category)
                     if category.endswith("gradients"):
                         grads.append(key)

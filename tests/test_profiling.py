@@ -1,6 +1,7 @@
 """The memory simulator: its output contract, its sanity, its tracing against real saved tensors, and
 every committed GPU measurement predicted again within the stated bounds."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from profiling import validate
+from profiling import simulator, validate
 from profiling.dry_run import check_fits
 from profiling.hardware import H100
 from profiling.job import spec_of
@@ -118,6 +119,39 @@ def test_trace_matches_the_tensors_a_real_cpu_run_saves():
         F.scaled_dot_product_attention = original
     real = sum(saved.values()) + loss.untyped_storage().nbytes()
     assert traced == pytest.approx(real, rel=0.01)
+
+
+def test_empty_storages_in_the_trace_change_nothing():
+    """torch 2.11's non-reentrant checkpoint keeps an empty tensor per checkpointed call: a storage of
+    0 bytes whose free must not read as a second allocation (its size has no sign)."""
+    job = spec([*SMALL, "ac=full"])
+    key = simulator.trace_key(job, 1)
+    original = cached_trace(job, 1)
+    expected = predict(job, H100)
+    segments = [(name, list(events), *rest) for name, events, *rest in original.segments]
+    sizes, categories = list(original.sizes), list(original.categories)
+    birth, order = list(original.birth), list(original.order)
+    names = [name for name, *_ in segments]
+    for born, dies in [("mb0.head.fwd", "mb0.head.bwd")] + [
+        (f"mb0.layer{q}.fwd", f"mb0.layer{q}.bwd") for q in range(original.prototype.traced)
+    ]:  # one empty storage per traced layer, at the same position in each, and one in the head
+        uid, at = len(sizes), names.index(born)
+        sizes.append(0), categories.append(None), birth.append(at)
+        order.append(sum(e > 0 for e in segments[at][1]))
+        segments[at][1].append(uid + 1)
+        segments[names.index(dies)][1].insert(0, -(uid + 1))
+    simulator._TRACES[key] = dataclasses.replace(
+        original, segments=segments, sizes=sizes, categories=categories, birth=birth, order=order
+    )
+    try:
+        got = predict(job, H100)
+    finally:
+        simulator._TRACES[key] = original
+    assert (got.worst.peak_allocated, got.worst.peak_reserved, got.worst.peak_moment) == (
+        expected.worst.peak_allocated,
+        expected.worst.peak_reserved,
+        expected.worst.peak_moment,
+    )
 
 
 def test_a_run_that_does_not_fit_is_refused_with_a_config_that_does():
