@@ -37,7 +37,6 @@ class NF4State:
     cannot trace bitsandbytes' ``QuantState``, whose ``__getattr__`` breaks the graph). Always double
     quantized: the per-block absmaxes are 8-bit codes, blockwise-scaled around ``offset``."""
 
-    code: torch.Tensor  # the 16 NF4 values
     blocksize: int
     absmax_codes: torch.Tensor  # uint8, one per block
     absmax_code: torch.Tensor  # the 256 values of those codes
@@ -50,7 +49,7 @@ class NF4State:
     def of(cls, state: QuantState) -> NF4State:
         inner = state.state2
         return cls(
-            state.code, state.blocksize, state.absmax, inner.code, inner.absmax, inner.blocksize, state.offset,
+            state.blocksize, state.absmax, inner.code, inner.absmax, inner.blocksize, state.offset,
             list(state.shape),
         )  # fmt: skip
 
@@ -59,7 +58,6 @@ class NF4State:
 def nf4_matmul(
     x: torch.Tensor,
     packed: torch.Tensor,
-    code: torch.Tensor,
     absmax_codes: torch.Tensor,
     absmax_code: torch.Tensor,
     absmax_scale: torch.Tensor,
@@ -72,29 +70,29 @@ def nf4_matmul(
     """``x @ W.T`` (``x @ W`` when ``transposed``) for an NF4 weight ``W`` of ``shape``, dequantized to
     ``x``'s dtype by bitsandbytes' kernel. One opaque op, so the 16-bit weight exists only while its
     matmul runs: torch.compile can neither keep it for backward nor schedule it early."""
-    inner = QuantState(absmax=absmax_scale, code=absmax_code, blocksize=absmax_blocksize, dtype=torch.float32)
-    state = QuantState(
-        absmax=absmax_codes, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type="nf4",
-        dtype=x.dtype, offset=offset, state2=inner,
-    )  # fmt: skip
-    weight = bnb.functional.dequantize_4bit(packed, state)
+    # bitsandbytes' own torch ops, not ``functional.dequantize_4bit``: its QuantState bookkeeping doubled
+    # the host time of a call, and in a QLoRA forward the host, not the GPU, sets the pace.
+    ops = torch.ops.bitsandbytes
+    absmax = ops.dequantize_blockwise.default(absmax_codes, absmax_scale, absmax_code, absmax_blocksize, torch.float32)
+    absmax += offset
+    weight = ops.dequantize_4bit.default(packed, absmax, blocksize, "nf4", shape, x.dtype)
     return x @ (weight if transposed else weight.t())
 
 
 @nf4_matmul.register_fake
-def _(x, packed, code, absmax_codes, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, transposed):
+def _(x, packed, absmax_codes, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, transposed):
     return x.new_empty(*x.shape[:-1], shape[1] if transposed else shape[0])
 
 
 def _save_quantized_weight(ctx, inputs, output) -> None:
     # A frozen weight: backward needs neither x nor the dequantized weight, only the packed bytes.
-    ctx.save_for_backward(*inputs[1:7])
-    ctx.layout = inputs[7:]
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.layout = inputs[6:]
 
 
 def _input_grad(ctx, grad: torch.Tensor):
     *layout, transposed = ctx.layout
-    return nf4_matmul(grad, *ctx.saved_tensors, *layout, not transposed), *[None] * 10
+    return nf4_matmul(grad, *ctx.saved_tensors, *layout, not transposed), *[None] * 9
 
 
 nf4_matmul.register_autograd(_input_grad, setup_context=_save_quantized_weight)
@@ -106,7 +104,7 @@ class NF4Linear(Linear4bit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.nf4_state
         out = nf4_matmul(
-            x.to(self.compute_dtype), self.weight, s.code, s.absmax_codes, s.absmax_code, s.absmax_scale, s.offset,
+            x.to(self.compute_dtype), self.weight, s.absmax_codes, s.absmax_code, s.absmax_scale, s.offset,
             s.blocksize, s.absmax_blocksize, s.shape, False,
         )  # fmt: skip
         if self.bias is not None:
