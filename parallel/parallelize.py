@@ -97,7 +97,7 @@ def apply_ac(model: Transformer, ac: ACConfig) -> None:
         model.model.layers[name] = block
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(model: Transformer, mode: str) -> None:
     """Compile each block together with its AC wrapper: the compiler sees the checkpointed region and
     recomputes in backward only what backward needs.
 
@@ -105,9 +105,10 @@ def apply_compile(model: Transformer) -> None:
     second), so compilation costs about one block's time however deep the model is;
     ``Module.compile`` works in place, keeping parameter names, and FSDP2's hooks stay outside the
     graph. Not ``fullgraph``: code the compiler cannot trace runs eagerly instead of failing the job.
+    ``mode`` is torch.compile's (``compile_mode``): reduce-overhead replays each block as a CUDA graph.
     """
     for block in model.model.layers.values():
-        block.compile()
+        block.compile(mode=mode)
 
 
 def activation_offload(ac: ACConfig, device: torch.device):
@@ -161,7 +162,7 @@ def parallelize(model: Transformer, spec: JobSpec, world: World) -> nn.Module:
     if spec.cfg.ac.mode != "none":
         apply_ac(model, spec.cfg.ac)
     if spec.cfg.compile:
-        apply_compile(model)
+        apply_compile(model, spec.cfg.compile_mode)
     if dims.uses_fsdp:
         apply_fsdp(model, spec, world)
     materialize(model, world.device)

@@ -135,6 +135,30 @@ def _check_ac(ac) -> None:
     _require(ac.every_n >= 1, f"ac.every_n={ac.every_n} must be >= 1")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile(cfg: JobConfig, dims: ParallelDims) -> None:
+    mode = cfg.compile_mode
+    _require(mode in COMPILE_MODES, f"compile_mode={mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    _require(mode == "default" or cfg.compile, f"compile_mode={mode} applies to compiled blocks: add compile=true")
+    if mode not in ("reduce-overhead", "max-autotune"):
+        return
+    # A CUDA graph replays fixed addresses: sharded parameters are gathered into new memory each step,
+    # and ac.offload's host copies happen outside any graph.
+    gathers = dims.uses_fsdp or (dims.backend == "deepspeed" and cfg.parallel.zero_stage == 3)
+    _require(
+        not gathers,
+        f"compile_mode={mode} records CUDA graphs, which need parameters at fixed addresses, but this job "
+        "gathers sharded parameters anew each step: use compile_mode=default (or max-autotune-no-cudagraphs)",
+    )
+    _require(
+        not cfg.ac.offload,
+        f"compile_mode={mode} records CUDA graphs, which cannot hold ac.offload's copies to the host: "
+        "use compile_mode=default or an ac policy without offload",
+    )
+
+
 def _check_peft(cfg: JobConfig, dims: ParallelDims, device_type: str) -> None:
     pe = cfg.peft
     _require(pe.method in PEFT_METHODS, f"peft.method={pe.method!r}: use one of {', '.join(PEFT_METHODS)}")
@@ -242,6 +266,7 @@ def build_job_spec(cfg: JobConfig | DictConfig, world_size: int | None = None) -
         "precision.compute_dtype=float16 without precision.grad_scaler=true underflows gradients: use precision=fp16",
     )
     _check_peft(cfg, dims, device_type)
+    _check_compile(cfg, dims)
     if dims.backend == "deepspeed":
         _require(
             not (compute_dtype == torch.float16 and device_type == "cpu"),
