@@ -136,13 +136,14 @@ def _check_ac(ac) -> None:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _check_compile(cfg: JobConfig, dims: ParallelDims) -> None:
     mode = cfg.compile_mode
     _require(mode in COMPILE_MODES, f"compile_mode={mode!r}: use one of {', '.join(COMPILE_MODES)}")
     _require(mode == "default" or cfg.compile, f"compile_mode={mode} applies to compiled blocks: add compile=true")
-    if mode not in ("reduce-overhead", "max-autotune"):
+    if mode not in CUDA_GRAPH_MODES:
         return
     # A CUDA graph replays fixed addresses: sharded parameters are gathered into new memory each step,
     # and ac.offload's host copies happen outside any graph.

@@ -41,7 +41,7 @@ from trainkit.metrics import (
     phase_postfix,
 )
 from trainkit.model import build_model
-from trainkit.spec import JobSpec
+from trainkit.spec import CUDA_GRAPH_MODES, JobSpec
 from trainkit.weights import check_model_matches, load_hf_weights, load_tokenizer, prepare_hf_folder, save_hf_state_dict
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -227,6 +227,13 @@ class Trainer:
                 file=sys.stderr,
             )
 
+    def _eval_stance(self):
+        """Eager blocks for eval under CUDA-graph compile modes: without autograd to tell the calls
+        apart, each replay of the blocks' one shared graph would overwrite the previous block's output."""
+        if self.spec.cfg.compile_mode in CUDA_GRAPH_MODES:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss over the first ``eval_batches`` global batches of eval rows, in order.
@@ -245,7 +252,7 @@ class Trainer:
             mine = [i % n for i in range(start, start + per_rank)]
             for m in range(0, per_rank, t.micro_batch_size):
                 batch = self._to_device(self.eval_rows.batch(mine[m : m + t.micro_batch_size]))
-                with loss_context(self.spec):
+                with loss_context(self.spec), self._eval_stance():
                     totals[0] += self._loss_sum(batch).double()
                 totals[1] += (batch["labels"] != -100).sum()
         self.engine.model.train()
