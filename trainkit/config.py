@@ -201,7 +201,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compile: bool = False  # torch.compile each block (one graph, reused by every layer)
     # torch.compile's mode for the blocks; reduce-overhead replays each block as a CUDA graph, so the
-    # host's kernel launches stop setting the pace (single GPU / DDP: parameters must stay in place).
+    # host's kernel launches stop setting the pace (one process, no gradient accumulation).
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     # Memory planning (profiling/): the GPU predictions are checked against (h100 | h200 | a100_80g;
     # None: the visible CUDA device, else h100), a dry run that only predicts and reports, the world

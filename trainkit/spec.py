@@ -145,18 +145,13 @@ def _check_compile(cfg: JobConfig, dims: ParallelDims) -> None:
     _require(mode == "default" or cfg.compile, f"compile_mode={mode} applies to compiled blocks: add compile=true")
     if mode not in CUDA_GRAPH_MODES:
         return
-    # A CUDA graph replays fixed addresses: sharded parameters are gathered into new memory each step,
-    # and ac.offload's host copies happen outside any graph.
-    gathers = dims.uses_fsdp or (dims.backend == "deepspeed" and cfg.parallel.zero_stage == 3)
+    # Replayed graphs reuse their output memory: the gradients one micro-batch leaves there, the next
+    # overwrites; gathered (FSDP2, ZeRO-3) and bucketed (DDP) parameters and gradients move between
+    # steps; ac.offload copies to the host outside any graph. One process, one micro-batch is what runs.
     _require(
-        not gathers,
-        f"compile_mode={mode} records CUDA graphs, which need parameters at fixed addresses, but this job "
-        "gathers sharded parameters anew each step: use compile_mode=default (or max-autotune-no-cudagraphs)",
-    )
-    _require(
-        not cfg.ac.offload,
-        f"compile_mode={mode} records CUDA graphs, which cannot hold ac.offload's copies to the host: "
-        "use compile_mode=default or an ac policy without offload",
+        dims.world_size == 1 and cfg.train.grad_accum_steps == 1 and not cfg.ac.offload,
+        f"compile_mode={mode} replays CUDA graphs, which trainkit runs on one process with "
+        "train.grad_accum_steps=1 and no ac.offload: use compile_mode=default for this job",
     )
 
 
