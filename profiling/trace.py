@@ -42,7 +42,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.decomposition import select_decomp_table
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -185,6 +185,18 @@ class Recorder(FakeTensorMode):
     def _died(self, uid: int) -> None:
         if self.recording:  # teardown after the micro-batches is no part of the step
             self.segments[-1][1].append(-(self._alias.get(uid, uid) + 1))
+
+    def newest_first(self) -> None:
+        """Put the frees of the current segment in reverse order of creation, the newest storage first.
+
+        Leaving autocast empties its cache of weight copies, a hash map keyed by the weights'
+        ``TensorImpl`` addresses: the copies die in an order that changed from run to run of the
+        trace, and with it the allocator's best fit among equal free blocks, hence ``reserved``. The
+        order is as arbitrary on the GPU; this one repeats, and is the order the traces took for the
+        configurations whose reserved bytes never varied (selective checkpointing, QLoRA)."""
+        events = self.segments[-1][1]
+        frees = iter(sorted(e for e in events if e < 0))  # -(uid + 1): the newest uid first
+        events[:] = [next(frees) if e < 0 else e for e in events]
 
     def close(self) -> None:
         self._settle_accumulations()
@@ -346,7 +358,8 @@ def _repeat_interleave(recorder, func, types_, args, kwargs):
 def _nf4_matmul(recorder, func, types_, args, kwargs):
     """trainkit's NF4 matmul dequantizes inside the op (bitsandbytes' ``dequantize_4bit``): the nested
     absmax in float32 and the weight in x's dtype exist while the matmul runs."""
-    x, absmax_codes, shape = args[0], args[3], args[9]
+    named = dict(zip((a.name for a in func._schema.arguments), args))  # by name: robust to the op's signature
+    x, absmax_codes, shape = named["x"], named["absmax_codes"], named["shape"]
     scratch = [absmax_codes.new_empty(absmax_codes.shape, dtype=torch.float32), x.new_empty(shape)]
     for t in scratch:  # ops inside a dispatch handler bypass the recording: tracked by hand
         recorder._track(t, "quantization_scratch")
@@ -590,6 +603,7 @@ def build_prototype(spec: JobSpec, traced_layers: int, mesh, recorder: Recorder)
 
 def _materialize(model: nn.Module, spec: JobSpec) -> None:
     """Fake storage for every parameter; QLoRA layers get their packed bytes and quantization state."""
+    _plain_parameters(model)
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_weights()
@@ -605,6 +619,25 @@ def _materialize(model: nn.Module, spec: JobSpec) -> None:
                 if isinstance(module, Linear4bit):
                     weight = torch.empty(module.out_features, module.in_features, dtype=module.compute_dtype)
                     qlora._quantize_into(module, weight)
+
+
+def _plain_parameters(model: nn.Module) -> None:
+    """Swap every parameter of a ``Parameter`` subclass (bitsandbytes' ``Params4bit``) for a plain
+    ``Parameter`` of the same shape, dtype and device, before ``to_empty`` runs on it in fake mode.
+
+    torch 2.11's fake mode takes any tensor subclass but ``Parameter`` itself for one it does not know
+    and returns NotImplemented for its ops; ``Params4bit`` has no ``__torch_dispatch__`` of its own to
+    take over, so ``empty_like`` failed ("Multiple dispatch failed"). torch 2.13 lets such metadata-only
+    ``Parameter`` subclasses through as plain parameters, and ``to_empty`` rebuilt them as plain
+    ``Parameter``s anyway: the same model on both. The subclass is rebuilt nowhere else in the trace
+    (``_materialize`` keeps ``lora.qlora``'s quantization from re-wrapping)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            # By class: a DTensor parameter passes isinstance(p, nn.Parameter) and must stay.
+            if type(p) is not nn.Parameter and issubclass(type(p), nn.Parameter):
+                with unset_fake_temporarily():  # a real meta tensor, made without the fake mode
+                    plain = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                module._parameters[name] = nn.Parameter(plain, requires_grad=p.requires_grad)
 
 
 def param_inventory(model: nn.Module) -> list[ParamInfo]:
@@ -697,6 +730,7 @@ def trace_micro_batches(spec: JobSpec, prototype: Prototype, micro_batches: int)
             with ctx:
                 yield
                 recorder.begin("autocast_exit")
+            recorder.newest_first()
             recorder.begin("head.fwd_tail")
 
         standin = _StandIn(spec, model, autocast)
