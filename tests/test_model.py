@@ -1,27 +1,113 @@
-"""The model's own loss path: chunked cross-entropy equals cross-entropy on full logits."""
+"""The model's own loss path: the fused chunked cross-entropy equals cross-entropy on full logits."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainkit.model import chunked_cross_entropy
+from trainkit.config import ModelConfig
+from trainkit.model import build_model, chunked_cross_entropy, materialize
+
+# bf16 logits and gradients round at 2**-8 relative; sums over ~100 tokens stay well inside these.
+TOLERANCE = {torch.float32: {}, torch.bfloat16: {"rtol": 2e-2, "atol": 5e-4}}
+
+
+def reference_loss(hidden, head, labels):
+    """Cross-entropy on the full logits, as the tensor-parallel path computes it."""
+    logits = head(hidden).flatten(0, 1).float()
+    return F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def tied_setup(tied: bool, head_trains: bool, param_dtype: torch.dtype):
+    torch.manual_seed(0)
+    embed = nn.Embedding(50, 16).to(param_dtype)
+    head = nn.Linear(16, 50, bias=False).to(param_dtype)
+    if tied:
+        head.weight = embed.weight
+    head.weight.requires_grad_(head_trains)
+    ids = torch.randint(0, 50, (2, 37))
+    labels = torch.randint(0, 50, (2, 37))
+    labels[0, :5] = -100
+    labels[1, -3:] = -100
+    return embed, head, ids, labels
 
 
 @pytest.mark.parametrize("head_trains", [True, False], ids=["trained_head", "frozen_head"])
-def test_chunked_cross_entropy_equals_full_logits_loss_and_grads(head_trains):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(
+    "param_dtype,autocast",
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
+    ids=["fp32", "bf16_autocast_fp32_master", "bf16_weights"],
+)
+def test_chunked_cross_entropy_equals_full_logits_loss_and_grads(head_trains, tied, param_dtype, autocast):
+    embed, head, ids, labels = tied_setup(tied, head_trains, param_dtype)
+    scale = torch.randn(16, dtype=param_dtype, requires_grad=True)  # something before the head that trains
+    params = [p for p in {id(p): p for p in (embed.weight, head.weight, scale)}.values() if p.requires_grad]
+    low = param_dtype != torch.float32 or autocast
+
+    def run(loss_fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = embed(ids) * scale
+            # Two micro-batches, each divided by the token count, accumulate as the trainer does.
+            for part in (slice(0, 1), slice(1, 2)):
+                loss = loss_fn(hidden[part], head, labels[part])
+                (loss / 70).backward(retain_graph=part.start == 0)
+                yield loss.detach()
+
+    want = list(run(reference_loss))
+    want_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    got = list(run(lambda h, m, y: chunked_cross_entropy(h, m, y, chunk_elements=50 * 8)))  # 8-token chunks
+    tol = TOLERANCE[torch.bfloat16 if low else torch.float32]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, **tol)
+    for p, w in zip(params, want_grads):
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad.float(), w.float(), **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = embed(ids) * scale
+        loss = chunked_cross_entropy(hidden, head, labels, chunk_elements=50 * 8)
+        assert loss.grad_fn is None
+        torch.testing.assert_close(loss, reference_loss(hidden, head, labels), **tol)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_model_loss_equals_full_logits_loss(tied, autocast):
+    """The whole model's ``labels=`` path gives every parameter the gradient of the full-logits loss."""
+    cfg = ModelConfig(
+        name="tiny",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        vocab_size=96,
+        tie_embeddings=tied,
+    )
     torch.manual_seed(0)
-    head = nn.Linear(16, 50, bias=False).requires_grad_(head_trains)
-    hidden = torch.randn(2, 37, 16, requires_grad=True)
-    labels = torch.randint(0, 50, (2, 37))
-    labels[0, :5] = -100
-    wrt = (hidden, head.weight) if head_trains else (hidden,)
-    full = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    full_grads = torch.autograd.grad(2 * full, wrt)
-    chunked = chunked_cross_entropy(hidden, head, labels, chunk_elements=50 * 8)  # 10 chunks of 8 tokens
-    chunked_grads = torch.autograd.grad(2 * chunked, wrt)
-    torch.testing.assert_close(chunked, full)
-    for got, want in zip(chunked_grads, full_grads):
-        torch.testing.assert_close(got, want)
-    with torch.no_grad():
-        torch.testing.assert_close(chunked_cross_entropy(hidden, head, labels, chunk_elements=50 * 8), full)
+    model = materialize(build_model(cfg), torch.device("cpu"))
+    ids = torch.randint(0, 96, (2, 24))
+    labels = torch.randint(0, 96, (2, 24))
+    labels[:, :4] = -100
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def full():
+        logits = model(ids).flatten(0, 1).float()
+        return F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
+
+    want, want_grads = grads(full)
+    got, got_grads = grads(lambda: model(ids, labels=labels))
+    tol = TOLERANCE[torch.bfloat16 if autocast else torch.float32]
+    torch.testing.assert_close(got, want, **tol)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **tol, msg=name)
