@@ -43,7 +43,7 @@ TP_ROOT_PLAN = {
 }
 TP_BLOCK_PLAN = {
     "input_layernorm": SequenceParallel(),
-    # forward(x, cos, sin, attn_mask): only x is sharded; RoPE tables and mask cover the whole sequence.
+    # forward(x, cos, sin, mask): only x is sharded; RoPE tables and mask cover the whole sequence.
     "self_attn": PrepareModuleInput(
         input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
     ),
@@ -67,6 +67,7 @@ SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.higher_order.flex_attention,  # packed rows on CUDA; visible to the policy under compile=true
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 from trainkit.config import ModelConfig
 from trainkit.moe import Experts, MoE
@@ -150,69 +151,58 @@ class Block(nn.Module):
 
 
 # Logit elements per cross-entropy chunk: with a 128k vocabulary about 500 tokens, so a chunk's
-# logits and their gradient take ~0.5 GB however long the batch is. A trained head also adds each
-# chunk's [vocab, hidden] weight gradient to a float32 sum: larger chunks pass over it fewer times.
+# float32 logits and their gradient take ~0.5 GB however long the batch is.
 LOSS_CHUNK_ELEMENTS = 2**26
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T``, chunk by chunk, with the gradients of the hidden
-    states and (when it trains) of the weight computed in the same pass: logits are neither kept nor
-    recomputed, and backward only scales the saved gradients."""
+def _chunk_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy through a frozen output head (adapter training), chunk by chunk, with
+    the hidden states' gradient computed in the same pass: logits are neither kept nor recomputed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, step: int, grad_enabled: bool):
-        device = hidden.device.type
-        # Autocast's matmul dtype, applied by hand: it is off below so that each op runs in the dtype chosen.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        need_h, need_w = (grad_enabled and t.requires_grad for t in (hidden, weight))
-        h_all, w = hidden.to(dtype), weight.to(dtype)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # float32 whatever the weight's dtype: a sum over all chunks, rounded once.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        with torch.autocast(device, enabled=False):
-            for i in range(0, labels.numel(), step):
-                h, target = h_all[i : i + step], labels[i : i + step]
-                ignored = (target == -100)[:, None]
-                target = target.clamp(min=0)[:, None]
-                logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)
-                logp_target = logp.gather(1, target)
-                loss -= logp_target.masked_fill(ignored, 0).sum()
-                if not (need_h or need_w):
-                    continue
-                # d(loss)/d(logits) = softmax - one_hot; the target column in float32 keeps p - 1 exact.
-                if dtype == torch.float32:
-                    dlogits = logp.exp_()
-                else:
-                    dlogits = torch.exp(logp, out=torch.empty_like(logp, dtype=dtype))
-                dlogits.scatter_(1, target, logp_target.exp().sub_(1).to(dtype))
-                if need_h:  # ignored rows are zeroed on [chunk, hidden], not on [chunk, vocab]
-                    grad_h[i : i + step] = (dlogits @ w).masked_fill_(ignored, 0)
-                if need_w:
-                    h = h.masked_fill(ignored, 0)
-                    if dtype == torch.float32:
-                        grad_w.addmm_(dlogits.t(), h)
-                    else:  # torch has no portable bf16 x bf16 -> float32-accumulating addmm
-                        grad_w += dlogits.t() @ h
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        grad = torch.empty_like(hidden)
+        for i in range(0, labels.numel(), step):
+            logits = (hidden[i : i + step] @ weight.t()).float()
+            target = labels[i : i + step]
+            valid = target != -100
+            target = target.clamp(min=0)
+            lse = logits.logsumexp(-1)
+            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(target), device=target.device), target] -= 1
+            grad[i : i + step] = (probs * valid[:, None]).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        # In place: the saved gradients are used once (the trainer never retains this graph).
-        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in (grad_h, grad_w)]
-        return *grads, None, None, None
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int | None = None
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred tokens
-    at a time, so the full [tokens, vocab] logits (and their float32 copy) never exist."""
-    step = max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // head.out_features)
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), head.weight, labels.flatten(), step, torch.is_grad_enabled())
+    at a time, so the full [tokens, vocab] logits (and their float32 copy) never exist. A trained
+    head recomputes each chunk's logits in backward; a frozen one is done in forward."""
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    step = max(1, chunk_elements // head.out_features)
+    if torch.is_grad_enabled() and hidden.requires_grad and not head.weight.requires_grad:
+        return FrozenHeadCrossEntropy.apply(hidden, head.weight, labels, step)
+    if step >= labels.numel():
+        return _chunk_loss(head, hidden, labels)
+    chunks = [
+        checkpoint(_chunk_loss, head, hidden[i : i + step], labels[i : i + step], use_reentrant=False)
+        for i in range(0, labels.numel(), step)
+    ]
+    return torch.stack(chunks).sum()
 
 
 class Decoder(nn.Module):
