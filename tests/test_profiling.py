@@ -223,3 +223,27 @@ def test_the_regression_check_fails_on_a_wrong_row():
     wrong["measured_reserved"] = predicted["predicted_reserved"] * 1.2
     problems = validate.check_row(wrong)
     assert len(problems) == 2 and "allocated" in problems[0] and "reserved" in problems[1]
+
+
+def test_kernel_summary_sums_kinds_and_busy_time(tmp_path):
+    """profiling.kernels: time per kind, and busy time as the union of overlapping kernels."""
+    from profiling.kernels import summarise
+
+    def kernel(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        kernel("nvjet_sm90_tst_256x128_TNT", 0, 10),
+        kernel("triton_poi_fused_add_mul_0", 5, 10),  # overlaps the matmul on another stream
+        kernel("void kDequantizeBlockwise<__nv_bfloat16>", 30, 5),
+        kernel("Memcpy HtoD (Pageable -> Device)", 40, 10, cat="gpu_memcpy"),
+        {"ph": "X", "cat": "user_annotation", "name": "step_3", "ts": 0, "dur": 50},
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    s = summarise(str(trace))
+    assert s["steps"] == 1
+    assert s["kinds_ms"] == {"matmul": 0.01, "compiled_fused": 0.01, "copy_or_set": 0.01, "nf4_dequantize": 0.005}
+    assert s["window_ms"] == 0.05
+    assert s["gpu_busy_share"] == pytest.approx(30 / 50)  # [0, 15) + [30, 35) + [40, 50)
+    assert s["top_kernels"][-1]["kind"] == "nf4_dequantize"
