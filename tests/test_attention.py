@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 import trainkit.model as model_module
+from tests.conftest import TINY_SHAPE
 from trainkit.config import ModelConfig
 from trainkit.model import Attention, build_model, document_mask, materialize
 
@@ -20,8 +21,7 @@ SEQ = 32
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(name="tiny", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
-    return ModelConfig(**(fields | {"vocab_size": 64} | overrides))
+    return ModelConfig(name="tiny", **(TINY_SHAPE | {"vocab_size": 64} | overrides))
 
 
 def packed_batch(generator: torch.Generator):
@@ -75,11 +75,12 @@ def test_packed_loss_and_grads_equal_each_document_alone(device, monkeypatch):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_flex_attention_equals_dense_mask_sdpa(autocast, monkeypatch):
     torch.manual_seed(0)
-    attention = materialize(build_model(tiny_config()), torch.device("cpu")).model.layers["0"].self_attn
+    cfg = tiny_config()
+    attention = materialize(build_model(cfg), torch.device("cpu")).model.layers["0"].self_attn
     assert isinstance(attention, Attention)
     rows, _ = packed_batch(torch.Generator().manual_seed(1))
-    x = torch.randn(len(DOC_LENGTHS), SEQ, 32)
-    angles = torch.randn(len(DOC_LENGTHS), 1, SEQ, 8)
+    x = torch.randn(len(DOC_LENGTHS), SEQ, cfg.hidden_size)
+    angles = torch.randn(len(DOC_LENGTHS), 1, SEQ, cfg.hidden_size // cfg.num_heads)
     cos, sin = angles.cos(), angles.sin()
     dense = document_mask(rows["doc"])
     monkeypatch.setattr(model_module, "FLEX_DEVICES", {"cpu"})

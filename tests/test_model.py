@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.conftest import TINY_SHAPE
 from trainkit.config import ModelConfig
 from trainkit.model import build_model, chunked_cross_entropy, materialize
 
@@ -77,16 +78,7 @@ def test_chunked_cross_entropy_equals_full_logits_loss_and_grads(head_trains, ti
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_model_loss_equals_full_logits_loss(tied, autocast):
     """The whole model's ``labels=`` path gives every parameter the gradient of the full-logits loss."""
-    cfg = ModelConfig(
-        name="tiny",
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-        vocab_size=96,
-        tie_embeddings=tied,
-    )
+    cfg = ModelConfig(name="tiny", **TINY_SHAPE, vocab_size=96, tie_embeddings=tied)
     torch.manual_seed(0)
     model = materialize(build_model(cfg), torch.device("cpu"))
     ids = torch.randint(0, 96, (2, 24))
