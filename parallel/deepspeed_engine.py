@@ -119,9 +119,6 @@ class DeepSpeedEngine:
         self.model.step()
         return float(self.model.get_global_grad_norm())
 
-    def skip(self) -> None:
-        self.model.optimizer.zero_grad()
-
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

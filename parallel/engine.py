@@ -4,7 +4,8 @@
 torch optimizer, an LR schedule, a grad scaler, and DCP-ready state dicts. The DeepSpeed engine in
 ``parallel.deepspeed_engine`` offers the same methods. The loop calls, per optimizer step:
 ``set_gradient_sync`` and ``backward`` for each micro-batch, then ``clip_grads`` and ``step`` (or
-``skip``); and ``model`` for forward passes, ``save`` / ``load`` for checkpoints, ``full_state_dict`` for the HF export.
+``skip``, which the job spec never asks of DeepSpeed: it cannot drop a step's gradients); and ``model``
+for forward passes, ``save`` / ``load`` for checkpoints, ``full_state_dict`` for the HF export.
 """
 
 from __future__ import annotations
