@@ -48,7 +48,11 @@ class Case:
 ONE = "model=llama3_2_1b model.source=null"
 EIGHT = "model=llama3_8b model.num_layers=4"
 EIGHT_RANDOM = f"{EIGHT} model.source=null"
-MOE = "model=mixtral_8x7b model.source=null model.num_layers=2 model.hidden_size=1024 model.intermediate_size=2048"
+# The SmolLM2 tokenizer the grids run with has 49152 ids, more than Mixtral's 32000.
+MOE = (
+    "model=mixtral_8x7b model.source=null model.num_layers=2 model.hidden_size=1024 model.intermediate_size=2048 "
+    "model.vocab_size=49152"
+)
 
 
 def _case(name: str, overrides: str, gpus: int = 1) -> Case:
