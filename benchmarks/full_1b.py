@@ -44,7 +44,8 @@ from common import (
     write_result,
 )
 
-from trainkit.metrics import PEAK_FLOPS, flops_per_token
+from trainkit.config import LoggingConfig
+from trainkit.metrics import flops_per_token, peak_flops
 
 MODEL = ["model=llama3_2_1b", "model.source=null"]
 # --tiny: a 2-layer model of the same family, short rows and a few steps, so the whole driver runs on a CPU.
@@ -133,7 +134,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, help="default 2048 (--tiny: 128)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="both sides; 0: no clipping")
-    parser.add_argument("--peak-tflops", type=float, help="MFU's peak; default: trainkit.metrics.PEAK_FLOPS")
+    parser.add_argument("--peak-tflops", type=float, help="MFU's peak; default: trainkit.metrics.peak_flops")
     parser.add_argument("--variant", action="append", help="NAME=OVERRIDES for one trainkit row (replaces defaults)")
     parser.add_argument("--skip-baselines", action="store_true", help="reuse WORK/hf_eager.json, WORK/hf_compile.json")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, B2 x S128, 4 steps: a CPU smoke test")
@@ -156,10 +157,8 @@ def main() -> None:
     # MFU: one formula for every row, so rows compare; attention counted over the whole row also when packed.
     cfg = model_config(model)
     per_token = flops_per_token(cfg, args.seq)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_flops(device, LoggingConfig(peak_tflops=args.peak_tflops or None))  # the rate trainkit's own MFU uses
     for row in rows:
         if "tokens_per_s" in row:
             row["mfu"] = None if peak is None else per_token * row["tokens_per_s"] / peak
