@@ -9,14 +9,17 @@ The quantization statistics are not parameters; they live, replicated, on the mo
 survive FSDP swapping its gathered weight in: ``module.quant_state`` for bitsandbytes and peft (merge,
 DoRA), ``module.nf4_state`` (the same tensors) for the forward.
 
-The forward is ours (``NF4Linear``): bitsandbytes' format and dequantization kernel inside one custom
-op, ``nf4_matmul``, whose backward keeps only the packed bytes and dequantizes again (a frozen base
-needs no input saved); torch.compile treats it as one op, so the 16-bit weight never outlives its
-matmul.
+The forward is ours (``NF4Linear``): bitsandbytes' format dequantized inside one custom op,
+``nf4_matmul``, whose backward keeps only the packed bytes and dequantizes again (a frozen base needs
+no input saved); torch.compile treats it as one op, so the 16-bit weight never outlives its matmul. On
+CUDA with triton installed the dequantization is one Triton kernel (``lora.nf4_triton``, bit-identical
+to bitsandbytes'), elsewhere bitsandbytes' own ops.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -54,6 +57,33 @@ class NF4State:
         )  # fmt: skip
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    # One Triton kernel instead of bitsandbytes' three (absmax codes, += offset, the 4-bit codes).
+    return x.is_cuda and _HAS_TRITON
+
+
+def _bnb_dequantize(packed, absmax_codes, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, dtype):
+    """``nf4_matmul``'s dequantization off CUDA (or without triton): bitsandbytes' own torch ops, not
+    ``functional.dequantize_4bit``, whose QuantState bookkeeping doubled the host time of a call (in a
+    QLoRA forward the host, not the GPU, sets the pace)."""
+    ops = torch.ops.bitsandbytes
+    absmax = ops.dequantize_blockwise.default(absmax_codes, absmax_scale, absmax_code, absmax_blocksize, torch.float32)
+    absmax += offset
+    return ops.dequantize_4bit.default(packed, absmax, blocksize, "nf4", shape, dtype)
+
+
+@functools.cache
+def _triton_dequantize():
+    # Imported on the first CUDA call, not with this module: the kernel is defined at import, and the
+    # CPU tests set TRITON_INTERPRET before that.
+    from lora.nf4_triton import dequantize_nf4
+
+    return dequantize_nf4
+
+
 @torch.library.custom_op("trainkit::nf4_matmul", mutates_args=())
 def nf4_matmul(
     x: torch.Tensor,
@@ -68,14 +98,12 @@ def nf4_matmul(
     transposed: bool,
 ) -> torch.Tensor:
     """``x @ W.T`` (``x @ W`` when ``transposed``) for an NF4 weight ``W`` of ``shape``, dequantized to
-    ``x``'s dtype by bitsandbytes' kernel. One opaque op, so the 16-bit weight exists only while its
-    matmul runs: torch.compile can neither keep it for backward nor schedule it early."""
-    # bitsandbytes' own torch ops, not ``functional.dequantize_4bit``: its QuantState bookkeeping doubled
-    # the host time of a call, and in a QLoRA forward the host, not the GPU, sets the pace.
-    ops = torch.ops.bitsandbytes
-    absmax = ops.dequantize_blockwise.default(absmax_codes, absmax_scale, absmax_code, absmax_blocksize, torch.float32)
-    absmax += offset
-    weight = ops.dequantize_4bit.default(packed, absmax, blocksize, "nf4", shape, x.dtype)
+    ``x``'s dtype. One opaque op, so the 16-bit weight exists only while its matmul runs: torch.compile
+    can neither keep it for backward nor schedule it early."""
+    dequantize = _triton_dequantize() if _use_triton(x) else _bnb_dequantize
+    weight = dequantize(
+        packed, absmax_codes, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, x.dtype
+    )
     return x @ (weight if transposed else weight.t())
 
 
