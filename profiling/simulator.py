@@ -491,15 +491,17 @@ class StepComposer:
             for tag, group in groups if gathered and reshard else ():
                 self._reshard(owner(j, tag), group)
         p.mark("forward: norm and loss")
-        self._emit(mb, "head.fwd", self.L, self.m)
+        # A loss that computes its gradients in forward (LinearCrossEntropy) gives the head its gradient
+        # here: kept with the backward's root gradients until the optimizer step frees them.
+        root_grads = self._emit(mb, "head.fwd", self.L, self.m)
         self._emit_autocast_exit(mb)
-        self._emit(mb, "head.fwd_tail", self.L, self.m)
+        root_grads += self._emit(mb, "head.fwd_tail", self.L, self.m)
         p.free_all(self.held_gathers)  # the root's post-forward frees the last one
         self.held_gathers = []
         p.mark("backward: loss and norm")
         if gathered:
             self._gather(self.L - 1, self.dense)  # the root's pre-backward prefetches the last layer
-        root_grads = self._emit(mb, "head.bwd", self.L, self.m)
+        root_grads += self._emit(mb, "head.bwd", self.L, self.m)
         for j in reversed(range(self.L)):
             q = self.proto.proto(j)
             p.mark(f"backward: layer {j}")

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import TINY_SHAPE
+from trainkit import model as model_module
 from trainkit.config import ModelConfig
 from trainkit.model import build_model, chunked_cross_entropy, materialize
 
@@ -41,6 +42,28 @@ def tied_setup(tied: bool, head_trains: bool, param_dtype: torch.dtype):
     ids=["fp32", "bf16_autocast_fp32_master", "bf16_weights"],
 )
 def test_chunked_cross_entropy_equals_full_logits_loss_and_grads(head_trains, tied, param_dtype, autocast):
+    check_against_full_logits(head_trains, tied, param_dtype, autocast)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(
+    "param_dtype,autocast",
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
+    ids=["fp32", "bf16_autocast_fp32_master", "bf16_weights"],
+)
+def test_weight_gradient_groups_of_chunks(monkeypatch, tied, param_dtype, autocast):
+    """A trained head's gradient is added once per group of chunks: 37 tokens in 8-token chunks are
+    5 chunks, 3 per group, so each micro-batch has a full group and one of a chunk and a short one."""
+    compute_dtype = torch.bfloat16 if autocast else param_dtype
+    monkeypatch.setattr(model_module, "LOSS_GROUP_BYTES", 3 * 8 * 50 * compute_dtype.itemsize)
+    calls = []
+    addmm_ = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda g, d, h: calls.append(len(h)) or addmm_(g, d, h))
+    check_against_full_logits(True, tied, param_dtype, autocast)
+    assert calls == [24, 13, 24, 13]  # two micro-batches of 37 tokens
+
+
+def check_against_full_logits(head_trains, tied, param_dtype, autocast):
     embed, head, ids, labels = tied_setup(tied, head_trains, param_dtype)
     scale = torch.randn(16, dtype=param_dtype, requires_grad=True)  # something before the head that trains
     params = [p for p in {id(p): p for p in (embed.weight, head.weight, scale)}.values() if p.requires_grad]

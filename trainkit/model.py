@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from torch.utils.checkpoint import checkpoint
 
 from trainkit.config import ModelConfig
 from trainkit.moe import Experts, MoE
@@ -151,58 +150,89 @@ class Block(nn.Module):
 
 
 # Logit elements per cross-entropy chunk: with a 128k vocabulary about 500 tokens, so a chunk's
-# float32 logits and their gradient take ~0.5 GB however long the batch is.
+# float32 softmax takes ~0.25 GB however long the batch is.
 LOSS_CHUNK_ELEMENTS = 2**26
+# Bytes of the buffer that collects the chunks' logit gradients (compute dtype) for one weight-gradient
+# matmul: a trained head's [vocab, hidden] gradient is updated once per group of chunks (4 times for a
+# 1B model at 8k tokens), not once per chunk (16 times, each pass over the sum ~1 GB read and written).
+LOSS_GROUP_BYTES = 2**29
 
 
-def _chunk_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` with the gradients of the hidden states and (when
+    it trains) of the weight computed in the same pass: logits are neither kept nor recomputed, and
+    backward only scales the gradients made here.
 
-
-class FrozenHeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy through a frozen output head (adapter training), chunk by chunk, with
-    the hidden states' gradient computed in the same pass: logits are neither kept nor recomputed."""
+    The float32 softmax exists one chunk at a time; each chunk writes its logit gradient (softmax minus
+    one-hot) in the compute dtype into a group buffer, and one matmul per group gives the hidden rows'
+    gradient and adds into the weight's. A frozen head's group is one chunk (no larger buffer)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+    def forward(ctx, hidden, weight, labels, step: int, grad_enabled: bool):
+        device = hidden.device.type
+        # Autocast's matmul dtype, applied by hand (autocast is off below). ``.to`` is a no-op where the
+        # dtype already matches; a float32 master weight gets one low-precision copy for the whole loss.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        need_h, need_w = (grad_enabled and t.requires_grad for t in (hidden, weight))
+        vocab, n = weight.shape[0], labels.numel()
+        w = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
-        for i in range(0, labels.numel(), step):
-            logits = (hidden[i : i + step] @ weight.t()).float()
-            target = labels[i : i + step]
-            valid = target != -100
-            target = target.clamp(min=0)
-            lse = logits.logsumexp(-1)
-            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(target), device=target.device), target] -= 1
-            grad[i : i + step] = (probs * valid[:, None]).to(weight.dtype) @ weight
-        ctx.save_for_backward(grad)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # In the compute dtype, updated in place by one matmul per group: rounded a few times (once per
+        # group) where autograd's full-logits matmul rounds once. A float32 weight gets its float32 copy
+        # in backward, after autocast has freed its weight copies, not at the forward's peak.
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        group = step * max(1, LOSS_GROUP_BYTES // (step * vocab * w.element_size())) if need_w else step
+        buffer = torch.empty(min(group, n), vocab, dtype=dtype, device=hidden.device) if need_h or need_w else None
+        with torch.autocast(device, enabled=False):
+            for g in range(0, n, group):
+                h = hidden[g : g + group].to(dtype)
+                dlogits = None if buffer is None else buffer[: len(h)]
+                for i in range(0, len(h), step):
+                    rows = slice(i, i + step)
+                    out = None if dlogits is None else dlogits[rows]
+                    loss += _chunk_loss(h[rows], w, labels[g : g + group][rows], out)
+                if dlogits is None:
+                    continue
+                ignored = (labels[g : g + group] == -100)[:, None]  # zeroed on [rows, hidden], not [rows, vocab]
+                if need_h:
+                    grad_h[g : g + group] = (dlogits @ w).masked_fill_(ignored, 0)
+                if need_w:
+                    grad_w.addmm_(dlogits.t(), h.masked_fill(ignored, 0))
+        # Attributes, not saved tensors: gradients, not activations, so activation offloading leaves them.
+        ctx.grads, ctx.dtypes = (grad_h, grad_w), (hidden.dtype, weight.dtype)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        # In place: they are used once (the trainer never backpropagates this graph twice).
+        scaled = [g.to(t).mul_(grad_loss.to(t)) if g is not None else None for g, t in zip(grads, ctx.dtypes)]
+        return *scaled, None, None, None
+
+
+def _chunk_loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, dlogits: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's summed loss (-100 ignored); writes d(loss)/d(logits) = softmax - one_hot into
+    ``dlogits``, ignored rows included, rounded as autograd's log-softmax backward rounds it. At most
+    two float32 [rows, vocab] tensors exist (logits and log-probabilities), each briefly."""
+    ignored = (target == -100)[:, None]
+    target = target.clamp(min=0)[:, None]
+    logp = torch.log_softmax((h @ w.t()).float(), dim=-1)  # the logits die as soon as it has read them
+    logp_target = logp.gather(1, target)
+    if dlogits is not None:
+        torch.exp(logp, out=dlogits)  # cast to the compute dtype as it is written
+        # The target column from float32: p - 1 is exact there, not the rounded p minus 1.
+        dlogits.scatter_(1, target, logp_target.exp().sub_(1).to(dlogits.dtype))
+    return -logp_target.masked_fill(ignored, 0).sum()
 
 
 def chunked_cross_entropy(
     hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred tokens
-    at a time, so the full [tokens, vocab] logits (and their float32 copy) never exist. A trained
-    head recomputes each chunk's logits in backward; a frozen one is done in forward."""
-    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    at a time, so the full [tokens, vocab] logits (and their float32 copy) never exist."""
     step = max(1, chunk_elements // head.out_features)
-    if torch.is_grad_enabled() and hidden.requires_grad and not head.weight.requires_grad:
-        return FrozenHeadCrossEntropy.apply(hidden, head.weight, labels, step)
-    if step >= labels.numel():
-        return _chunk_loss(head, hidden, labels)
-    chunks = [
-        checkpoint(_chunk_loss, head, hidden[i : i + step], labels[i : i + step], use_reentrant=False)
-        for i in range(0, labels.numel(), step)
-    ]
-    return torch.stack(chunks).sum()
+    return LinearCrossEntropy.apply(hidden.flatten(0, -2), head.weight, labels.flatten(), step, torch.is_grad_enabled())
 
 
 class Decoder(nn.Module):
