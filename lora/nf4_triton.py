@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trainkit.triton_kernels import to_output
+
 # bitsandbytes' NF4 levels, in the order of the 4-bit index (csrc/kernels.cu, nf4_dequantization_lut).
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -31,19 +33,6 @@ NF4_LEVELS = (
 # contiguous bytes (one 128-bit load) and 32 contiguous outputs (128-bit stores; unmeasured so far:
 # a GPU run should see ld.global.v4 / st.global.v4 in the PTX and ~3 TB/s on an H100).
 PROGRAM_OUTPUTS = 4096
-
-
-@triton.jit
-def _to_output(x, dtype: tl.constexpr):
-    """float32 -> ``dtype``, rounding to nearest even like CUDA's conversions. bfloat16 is rounded by
-    hand: triton's interpreter truncates float32 -> bfloat16, and the CPU tests must check what the GPU
-    runs (no NaNs here: the inputs are finite)."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -82,7 +71,7 @@ def _dequantize_nf4_kernel(
     low = tl.load(levels_ptr + (packed & 15)) * absmax
 
     out = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    values = _to_output(tl.join(high, low).reshape(ROWS, BLOCK), out_ptr.dtype.element_ty)  # interleaved
+    values = to_output(tl.join(high, low).reshape(ROWS, BLOCK), out_ptr.dtype.element_ty)  # interleaved
     tl.store(out_ptr + out, values, mask=out < n_out)
 
 

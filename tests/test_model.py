@@ -52,8 +52,8 @@ def test_chunked_cross_entropy_equals_full_logits_loss_and_grads(head_trains, ti
     ids=["fp32", "bf16_autocast_fp32_master", "bf16_weights"],
 )
 def test_weight_gradient_groups_of_chunks(monkeypatch, tied, param_dtype, autocast):
-    """A trained head's gradient is added once per group of chunks: 37 tokens in 8-token chunks are
-    5 chunks, 3 per group, so each micro-batch has a full group and one of a chunk and a short one."""
+    """A trained head's chunks are LOSS_GROUP_BYTES of logits (here 24 rows), not the 8 rows that
+    ``chunk_elements`` gives a frozen one: each micro-batch of 37 tokens is a full chunk and a short one."""
     compute_dtype = torch.bfloat16 if autocast else param_dtype
     monkeypatch.setattr(model_module, "LOSS_GROUP_BYTES", 3 * 8 * 50 * compute_dtype.itemsize)
     calls = []

@@ -1,34 +1,20 @@
 """The Triton NF4 dequantization (``lora.nf4_triton``) against bitsandbytes', bit for bit.
 
-Without a GPU the kernel runs in triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` must be
-set before the kernel is defined, hence before the import below); on a GPU the same tests compare the
-compiled kernel with bitsandbytes' CUDA kernels. Skipped only where triton is not installed.
+Without a GPU the kernel runs in triton's interpreter on CPU tensors (see conftest); on a
+GPU the same tests compare the compiled kernel with bitsandbytes' CUDA kernels.
 """
 
-import os
-
+import bitsandbytes as bnb
 import pytest
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
-pytest.importorskip("triton")
-
-import bitsandbytes as bnb  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import lora.qlora  # noqa: E402
-from lora.qlora import NF4State, nf4_matmul  # noqa: E402
+import lora.nf4_triton as nf4_triton
+import lora.qlora
+from lora.nf4_triton import NF4_LEVELS, PROGRAM_OUTPUTS, dequantize_nf4
+from lora.qlora import NF4State, nf4_matmul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_interpret = os.environ.get("TRITON_INTERPRET")
-if DEVICE.type == "cpu":  # the kernel is defined when its module is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-import lora.nf4_triton  # noqa: E402
-from lora.nf4_triton import NF4_LEVELS, PROGRAM_OUTPUTS, dequantize_nf4  # noqa: E402
-
-if _interpret is None:
-    os.environ.pop("TRITON_INTERPRET")
-else:
-    os.environ["TRITON_INTERPRET"] = _interpret
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -49,7 +35,7 @@ def triton_dequantize(packed, state, dtype):
 
 
 def test_kernel_is_interpreted_on_cpu():
-    assert isinstance(lora.nf4_triton._dequantize_nf4_kernel, InterpretedFunction) == (DEVICE.type == "cpu")
+    assert isinstance(nf4_triton._dequantize_nf4_kernel, InterpretedFunction) == (DEVICE.type == "cpu")
 
 
 def test_nf4_levels_are_bitsandbytes():

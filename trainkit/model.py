@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from trainkit.config import ModelConfig
+from trainkit.cross_entropy import cross_entropy_grad_
 from trainkit.moe import Experts, MoE
 
 
@@ -149,12 +150,11 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# Logit elements per cross-entropy chunk: with a 128k vocabulary about 500 tokens, so a chunk's
-# float32 softmax takes ~0.25 GB however long the batch is.
+# Logit elements per chunk of a frozen head's (or a no-grad) loss: with a 128k vocabulary about 500
+# tokens, so its logits buffer takes ~128 MB (16-bit) however long the batch is.
 LOSS_CHUNK_ELEMENTS = 2**26
-# Bytes of the buffer that collects the chunks' logit gradients (compute dtype) for one weight-gradient
-# matmul: a trained head's [vocab, hidden] gradient is updated once per group of chunks (4 times for a
-# 1B model at 8k tokens), not once per chunk (16 times, each pass over the sum ~1 GB read and written).
+# Bytes of a trained head's logits buffer: its [vocab, hidden] gradient is updated once per chunk of
+# this size (4 times for a 1B model at 8k tokens), each update a pass over ~1 GB read and written.
 LOSS_GROUP_BYTES = 2**29
 
 
@@ -163,12 +163,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     it trains) of the weight computed in the same pass: logits are neither kept nor recomputed, and
     backward only scales the gradients made here.
 
-    The float32 softmax exists one chunk at a time; each chunk writes its logit gradient (softmax minus
-    one-hot) in the compute dtype into a group buffer, and one matmul per group gives the hidden rows'
-    gradient and adds into the weight's. A frozen head's group is one chunk (no larger buffer)."""
+    Per chunk of rows, the logits go into one buffer in the compute dtype, ``cross_entropy_grad_``
+    turns them into their gradient in place (float32 softmax inside), and two matmuls give the rows'
+    hidden gradient and add into the weight's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, step: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, grad_enabled: bool):
         device = hidden.device.type
         # Autocast's matmul dtype, applied by hand (autocast is off below). ``.to`` is a no-op where the
         # dtype already matches; a float32 master weight gets one low-precision copy for the whole loss.
@@ -178,25 +178,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        # In the compute dtype, updated in place by one matmul per group: rounded a few times (once per
-        # group) where autograd's full-logits matmul rounds once. A float32 weight gets its float32 copy
-        # in backward, after autocast has freed its weight copies, not at the forward's peak.
+        # In the compute dtype, updated in place once per chunk: rounded a few times where autograd's
+        # full-logits matmul rounds once. A float32 weight gets its float32 copy in backward, after
+        # autocast has freed its weight copies, not at the forward's peak.
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        group = step * max(1, LOSS_GROUP_BYTES // (step * vocab * w.element_size())) if need_w else step
-        buffer = torch.empty(min(group, n), vocab, dtype=dtype, device=hidden.device) if need_h or need_w else None
+        if need_w:
+            chunk_rows = max(chunk_rows, LOSS_GROUP_BYTES // (vocab * w.element_size()))
+        logits = torch.empty(min(chunk_rows, n), vocab, dtype=dtype, device=hidden.device)
         with torch.autocast(device, enabled=False):
-            for g in range(0, n, group):
-                h = hidden[g : g + group].to(dtype)
-                dlogits = None if buffer is None else buffer[: len(h)]
-                for i in range(0, len(h), step):
-                    rows = slice(i, i + step)
-                    out = None if dlogits is None else dlogits[rows]
-                    loss += _chunk_loss(h[rows], w, labels[g : g + group][rows], out)
-                if dlogits is None:
-                    continue
-                ignored = (labels[g : g + group] == -100)[:, None]  # zeroed on [rows, hidden], not [rows, vocab]
+            for i in range(0, n, chunk_rows):
+                h, target = hidden[i : i + chunk_rows].to(dtype), labels[i : i + chunk_rows]
+                dlogits = torch.mm(h, w.t(), out=logits[: len(h)])
+                loss += cross_entropy_grad_(dlogits, target).sum()  # now the logits' gradient
+                ignored = (target == -100)[:, None]  # zeroed on [rows, hidden], not [rows, vocab]
                 if need_h:
-                    grad_h[g : g + group] = (dlogits @ w).masked_fill_(ignored, 0)
+                    grad_h[i : i + chunk_rows] = (dlogits @ w).masked_fill_(ignored, 0)
                 if need_w:
                     grad_w.addmm_(dlogits.t(), h.masked_fill(ignored, 0))
         # Attributes, not saved tensors: gradients, not activations, so activation offloading leaves them.
@@ -211,28 +207,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         return *scaled, None, None, None
 
 
-def _chunk_loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, dlogits: torch.Tensor | None) -> torch.Tensor:
-    """One chunk's summed loss (-100 ignored); writes d(loss)/d(logits) = softmax - one_hot into
-    ``dlogits``, ignored rows included, rounded as autograd's log-softmax backward rounds it. At most
-    two float32 [rows, vocab] tensors exist (logits and log-probabilities), each briefly."""
-    ignored = (target == -100)[:, None]
-    target = target.clamp(min=0)[:, None]
-    logp = torch.log_softmax((h @ w.t()).float(), dim=-1)  # the logits die as soon as it has read them
-    logp_target = logp.gather(1, target)
-    if dlogits is not None:
-        torch.exp(logp, out=dlogits)  # cast to the compute dtype as it is written
-        # The target column from float32: p - 1 is exact there, not the rounded p minus 1.
-        dlogits.scatter_(1, target, logp_target.exp().sub_(1).to(dlogits.dtype))
-    return -logp_target.masked_fill(ignored, 0).sum()
-
-
 def chunked_cross_entropy(
     hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
 ) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred tokens
-    at a time, so the full [tokens, vocab] logits (and their float32 copy) never exist."""
-    step = max(1, chunk_elements // head.out_features)
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), head.weight, labels.flatten(), step, torch.is_grad_enabled())
+    """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred or
+    thousand tokens at a time, so the full [tokens, vocab] logits (and any float32 copy) never exist."""
+    chunk_rows = max(1, chunk_elements // head.out_features)
+    return LinearCrossEntropy.apply(
+        hidden.flatten(0, -2), head.weight, labels.flatten(), chunk_rows, torch.is_grad_enabled()
+    )
 
 
 class Decoder(nn.Module):

@@ -106,6 +106,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, spec.dims, self.world)
         self.step = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm
+        self._prefetched: tuple[int, tuple] | None = None  # (step, _step_batches(step)) made ahead of time
         self.stop_signal: str | None = None  # the name of a stop signal this rank received
         self.stopping = False  # some rank received one: save at the end of this step and return
         if cfg.train.resume and (latest := latest_checkpoint(self.out)) is not None:
@@ -146,15 +147,25 @@ class Trainer:
         return loss.full_tensor()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
+        # Page-locked first: a copy from pageable memory holds the host until the GPU has taken it.
+        pin = self.world.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.world.device, non_blocking=True) for k, v in batch.items()}
+
+    def _step_batches(self, step: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """Step ``step``'s label-token count on this rank and its micro-batches on the device; taken from
+        ``_prefetched`` when the previous step prepared them."""
+        if self._prefetched is not None and self._prefetched[0] == step:
+            return self._prefetched[1]
+        t = self.spec.cfg.train
+        micro = self.sampler.micro_batches(step, self.world.dp_rank, self.spec.dp_size, t.grad_accum_steps)
+        rows = [self.train_rows.batch(idx) for idx in micro]
+        local_tokens = sum(int((r["labels"] != -100).sum()) for r in rows)  # on the host: no wait for the GPU
+        return local_tokens, [self._to_device(r) for r in rows]
 
     def train_step(self) -> dict:
         t, world, timer = self.spec.cfg.train, self.world, self.timer
         with timer.phase("data"):
-            micro = self.sampler.micro_batches(self.step, world.dp_rank, self.spec.dp_size, t.grad_accum_steps)
-            rows = [self.train_rows.batch(idx) for idx in micro]
-            local_tokens = sum(int((r["labels"] != -100).sum()) for r in rows)  # on the host: no wait for the GPU
-            batches = [self._to_device(r) for r in rows]
+            local_tokens, batches = self._step_batches(self.step)
         label_tokens = torch.tensor([local_tokens], dtype=torch.float64, device=world.device)
         label_tokens = all_reduce_sum(label_tokens, world.dp_mesh)
         # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
@@ -175,6 +186,9 @@ class Trainer:
                     self.engine.backward(loss * scale + aux * aux_weight)
             losses += torch.stack([loss.detach(), aux.detach()])
             slots = [total + n for total, n in zip(slots, model.moe_drop_counts())]
+        if self.step + 1 < t.steps:
+            with timer.phase("data"):  # the host prepares the next step while the GPU works through this one
+                self._prefetched = (self.step + 1, self._step_batches(self.step + 1))
         lr = self.engine.lr
         with timer.phase("optimizer"):
             norm = self.engine.clip_grads()  # global, before clipping; None under DeepSpeed (known after its step)
