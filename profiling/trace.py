@@ -13,8 +13,8 @@ The trace runs on the CPU, so the few things that differ on a CUDA device are em
 checked against torch 2.11 on an H100 (``results/memory_validation.jsonl``):
 
 * attention takes the backend torch picks on a Hopper GPU (cuDNN for 16-bit inputs, memory-efficient
-  for float32, the math path for float32 with grouped-query heads) with its saved tensors, and the
-  kernels' backward workspaces are allocated around the backward;
+  for float32, the math path for float32 with grouped-query heads; flex_attention for packed rows)
+  with its saved tensors, and the kernels' backward workspaces are allocated around the backward;
 * trainkit's NF4 matmul (QLoRA) holds its dequantized weight while it runs;
 * routing is uniform for mixture-of-experts layers: data-dependent sizes (expert counts, capacity
   masks, all-to-all splits) are the even share.
@@ -427,11 +427,13 @@ class CudaAttention:
         if torch.is_autocast_enabled("cpu"):  # autocast casts SDPA's inputs before torch picks a backend
             low = torch.get_autocast_dtype("cpu")
             q, k, v = (t.to(low) if t.dtype != low else t for t in (q, k, v))
-        bias = None
-        if attn_mask is not None:  # convert_boolean_attn_mask: 0 where allowed, -inf elsewhere, in q's dtype
-            bias = torch.where(attn_mask, torch.scalar_tensor(0.0, dtype=q.dtype), float("-inf"))
         gqa = q.shape[1] != k.shape[1]
         b, h, s, d = (_local(q).shape[i] for i in range(4))
+        if attn_mask is not None:
+            # Packed rows' document mask: on CUDA trainkit.model attends through flex_attention, one
+            # BlockMask per forward (no mask per layer), saving like a fused kernel (output, a float32
+            # row statistic); its backward adds one float32 row statistic per query.
+            return self._fused(q, k, v, b * h * s * 4, dropout_p, True, scale)
         if q.dtype != torch.float32:
             # cuDNN's backward keeps a float32 dq accumulator and a float32 row statistic per query
             # (measured on the H100: peak - gradients = B*H*S*D*4 + B*H*S*4); with grouped-query heads
@@ -439,21 +441,23 @@ class CudaAttention:
             workspace = b * h * s * d * 4 + b * h * s * 4
             if gqa:
                 workspace += 2 * b * h * s * d * q.element_size()
-            q, k, v, ws = self._hold(q, k, v, workspace)
-            out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, bias, True, dropout_p, is_causal and bias is None, False, scale=scale
-            )[0]
-            return _AllocateInBackward.apply(out, ws)
+            return self._fused(q, k, v, workspace, dropout_p, is_causal, scale)
         if gqa:
             return torch.ops.aten._scaled_dot_product_attention_math(
-                q, k, v, bias, dropout_p, is_causal and bias is None, None, scale=scale, enable_gqa=True
+                q, k, v, None, dropout_p, is_causal, None, scale=scale, enable_gqa=True
             )[0]
-        if bias is not None:
-            bias = bias.expand(b, h, s, s)
         # Its backward keeps two float32 row statistics per query until the gradients are copied out.
         q, k, v, ws = self._hold(q, k, v, 2 * b * h * s * 4)
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, dropout_p, is_causal and bias is None, scale=scale
+            q, k, v, None, True, dropout_p, is_causal, scale=scale
+        )[0]
+        return _AllocateInBackward.apply(out, ws)
+
+    def _fused(self, q, k, v, workspace, dropout_p, is_causal, scale):
+        """A fused kernel's saved tensors (cuDNN's), with ``workspace`` bytes held around its backward."""
+        q, k, v, ws = self._hold(q, k, v, workspace)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, dropout_p, is_causal, False, scale=scale
         )[0]
         return _AllocateInBackward.apply(out, ws)
 
