@@ -113,10 +113,23 @@ def apply_compile(model: Transformer, mode: str) -> None:
 
 
 def activation_offload(ac: ACConfig, device: torch.device):
-    """Context for forward + backward: tensors saved for backward live in CPU memory when asked."""
+    """Context for forward + backward: tensors saved for backward live in CPU memory when asked (page-locked
+    on CUDA). ``torch.autograd.graph.save_on_cpu``, except that a tensor comes back with its strides: the
+    backward of a compiled kernel (flex_attention's, for packed rows) checks them."""
     if not ac.offload:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    pin = device.type == "cuda"
+
+    def pack(tensor):
+        host = torch.empty_like(tensor, device="cpu", pin_memory=pin)
+        host.copy_(tensor)
+        return tensor.device, host
+
+    def unpack(packed):
+        device, host = packed
+        return host.to(device, non_blocking=pin)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def apply_fsdp(model: Transformer, spec: JobSpec, world: World) -> None:

@@ -684,7 +684,7 @@ class _StandIn:
 
 
 def _offload_hooks(recorder: Recorder):
-    """``torch.autograd.graph.save_on_cpu``: each saved tensor moves to host memory (untracked) and
+    """``parallel.parallelize.activation_offload``: each saved tensor moves to host memory (untracked) and
     comes back as a fresh device copy when backward unpacks it."""
 
     def pack(t):

@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parallel.parallelize import activation_offload
 from tests.conftest import TINY_MOE
 from tests.test_train import ROOT, TINY, losses, read_metrics, spec_for
+from trainkit.config import ACConfig
 from trainkit.trainer import Trainer
 
 STEPS = 4
@@ -155,3 +157,28 @@ def test_adapters_match_one_process(cache_dir, tiny_source, tmp_path):
         assert got.keys() == expected.keys(), name
         for key in expected:  # the trained adapters themselves, gathered from every sharding
             torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+class _StrideCheck(torch.autograd.Function):
+    """Saves its input and, in backward, fails unless it comes back with the strides it had, as the
+    compiled flex_attention backward does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.stride = x.stride()
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        assert x.stride() == ctx.stride, f"saved {ctx.stride}, unpacked {x.stride()}"
+        return grad
+
+
+def test_activation_offload_brings_saved_tensors_back_with_their_strides():
+    x = torch.randn(2, 6, 4, 3, requires_grad=True)
+    with activation_offload(ACConfig(mode="full", offload=True), torch.device("cpu")):
+        y = _StrideCheck.apply(x.transpose(1, 2))  # [B, H, S, D] from [B, S, H, D], as attention's q
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
