@@ -111,6 +111,8 @@ class DeepSpeedEngine:
         # The loop's loss is already a mean over the global batch: no division by accumulation steps.
         self.model.backward(loss, scale_wrt_gas=False)
 
+    skips_on_device = False  # DeepSpeed clips inside its step, which the loop calls after its checks
+
     def clip_grads(self) -> None:
         """Nothing to do before the step: DeepSpeed clips inside it, and its norm exists only after it."""
 

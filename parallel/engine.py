@@ -22,9 +22,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from parallel.expert_parallel import clip_grad_norm_
+from parallel.expert_parallel import clip_grad_norm_, grad_norm
 from parallel.mesh import World
 from trainkit.moe import Experts
 from trainkit.optim import build_optimizer, lr_lambda
@@ -55,6 +56,16 @@ class TorchEngine:
         self.trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec))
         self.scaler = torch.amp.GradScaler(spec.device_type, enabled=spec.cfg.precision.grad_scaler)
+        # Fused AdamW on plain tensors (one process, DDP) clips and skips inside its own kernel: it
+        # divides the gradients by ``grad_scale`` and changes nothing where ``found_inf`` is set. The
+        # update is then queued before the step's one synchronisation (the GPU does not idle while the
+        # host decides) and clipping needs no pass of its own. Not under a grad scaler, which sets both.
+        self.skips_on_device = bool(
+            self.optimizer.defaults.get("fused")
+            and isinstance(self.optimizer, torch.optim.AdamW)
+            and not self.scaler.is_enabled()
+            and not any(isinstance(p, DTensor) for p in self.trained)
+        )
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
@@ -67,25 +78,36 @@ class TorchEngine:
         self.scaler.scale(loss).backward()
 
     def clip_grads(self) -> torch.Tensor:
-        """Unscale and clip (``grad_clip`` 0: measure only); returns the global gradient norm before
-        clipping, left on the device so that the loop reads it with the loss in one synchronisation."""
+        """Unscale and clip (``grad_clip`` 0: measure only; with ``skips_on_device`` the optimizer
+        clips); returns the global gradient norm before clipping, left on the device so that the loop
+        reads it with the loss in one synchronisation."""
         self.scaler.unscale_(self.optimizer)
         if self.spec.dims.ep > 1:
             torch._foreach_div_([p.grad for p in self.expert_params], self.spec.dims.ep)
         clip = self.spec.cfg.optim.grad_clip
-        return clip_grad_norm_(self.trained, clip if clip > 0 else math.inf)
+        if not self.skips_on_device:
+            return clip_grad_norm_(self.trained, clip if clip > 0 else math.inf)
+        norm = grad_norm(self.trained)
+        if clip > 0:  # clip_grads_with_norm_'s factor min(1, clip / (norm + 1e-6)), as a divisor
+            self.optimizer.grad_scale = ((norm + 1e-6) / clip).clamp(min=1.0)
+        return norm
 
-    def step(self) -> None:
-        """Apply the clipped gradients and advance the schedule."""
+    def step(self, skip_if: torch.Tensor | None = None) -> None:
+        """Apply the clipped gradients and advance the schedule. ``skip_if`` (``skips_on_device`` only):
+        a boolean on the device; where true the update changes no weight and no optimizer state."""
+        if skip_if is not None:
+            self.optimizer.found_inf = skip_if.float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def skip(self) -> None:
-        """Drop this step's gradients: no update, nothing carried into the next step."""
+        """Drop this step's gradients: no update, nothing carried into the next step. The schedule
+        advances as after an update (as ``step(skip_if)`` does): the learning rate follows the step count."""
         if self.scaler.is_enabled():
             self.scaler.update()  # closes the step clip_grads unscaled; the scale reacts as to an overflow
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     @property

@@ -8,6 +8,7 @@ The expert stacks become DTensors sharded on dim 0 (the expert dim) over the EP 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -83,19 +84,30 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         distribute_module(experts, ep_mesh, _shard_experts, input_fn=ep.dispatch, output_fn=ep.combine)
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` that also takes parameters on different meshes (the expert
-    stacks on the EP mesh, the rest on the data-parallel one), which torch's cannot put in one norm.
-    Returns the total norm before clipping as a plain tensor."""
+def _grads_by_mesh(parameters) -> list[list[nn.Parameter]]:
     by_mesh = defaultdict(list)
     for param in parameters:
         if param.grad is not None:
             by_mesh[param.device_mesh if isinstance(param, DTensor) else None].append(param)
+    return list(by_mesh.values())
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The total L2 norm of the gradients of ``parameters``, also over parameters on different meshes
+    (the expert stacks on the EP mesh, the rest on the data-parallel one), which torch's
+    ``get_total_norm`` cannot put in one norm; a plain tensor."""
     norms = []
-    for params in by_mesh.values():
+    for params in _grads_by_mesh(parameters):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for params in by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over ``grad_norm``'s meshes; ``max_norm`` inf only measures.
+    Returns the total norm before clipping."""
+    total = grad_norm(parameters)
+    if max_norm < math.inf:
+        for params in _grads_by_mesh(parameters):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

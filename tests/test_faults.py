@@ -86,10 +86,14 @@ def test_kill_while_saving_then_sigterm_resume_exactly(cache_dir, tmp_path, caps
     assert all(r["loss"] == want[r["step"]] for r in records)
 
 
-def test_nonfinite_steps_are_skipped(cache_dir, tmp_path, capsys):
+@pytest.mark.parametrize("fused", [False, True], ids=["host_skip", "fused_skips_on_device"])
+def test_nonfinite_steps_are_skipped(cache_dir, tmp_path, capsys, fused):
     """Step 2's loss is NaN, step 3 has an infinite gradient: with train.on_nonfinite=skip neither
-    updates the weights nor leaves gradients behind; the run goes on and metrics count them."""
-    trainer = Trainer(spec_for(cache_dir, f"train.output_dir={tmp_path}", "train.steps=4", "train.on_nonfinite=skip"))
+    updates the weights nor leaves gradients behind; the run goes on and metrics count them. Fused
+    AdamW drops the update itself (``skips_on_device``), before the host has read the step's values."""
+    job = [f"train.output_dir={tmp_path}", "train.steps=4", "train.on_nonfinite=skip", f"optim.fused={fused}"]
+    trainer = Trainer(spec_for(cache_dir, *job))
+    assert trainer.engine.skips_on_device == fused
     loss_sum = trainer._loss_sum
     trainer._loss_sum = lambda batch: loss_sum(batch) * (math.nan if trainer.step == 1 else 1.0)
     model = unwrap(trainer.engine.model)

@@ -198,16 +198,20 @@ class Trainer:
         stop = torch.tensor([float(self.stop_signal is not None)], dtype=torch.float64, device=world.device)
         parts = [totals, all_reduce_sum(stop), label_tokens]
         parts += [] if norm is None else [norm.detach().to(totals).view(1)]
-        values = torch.cat(parts).tolist()  # the step's one synchronisation: the GPU idles while the host waits
+        on_device = self.engine.skips_on_device  # the update goes in before the host has seen the values
+        if on_device:
+            with timer.phase("optimizer"):
+                self.engine.step(skip_if=~(torch.isfinite(totals[0]) & torch.isfinite(norm)))
+        values = torch.cat(parts).tolist()  # the step's one synchronisation
         loss, aux, dropped, routed, stop, label_tokens = values[:6]
         grad_norm = values[6] if norm is not None else None
         loss /= label_tokens
         self.stopping = self.stopping or stop > 0
         scaled = self.spec.cfg.precision.grad_scaler  # an overflow is the scaler's to skip and its scale to lower
         if not math.isfinite(loss) or not (grad_norm is None or math.isfinite(grad_norm) or scaled):
-            self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss)
+            self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss, dropped=on_device)
             grad_norm = None
-        else:
+        elif not on_device:
             with timer.phase("optimizer"):
                 after = self.engine.step()
             grad_norm = grad_norm if after is None else after
@@ -223,8 +227,9 @@ class Trainer:
             record["moe_dropped_fraction"] = dropped / routed
         return record
 
-    def _skip_or_stop(self, what: str, loss: float) -> None:
-        """Handle a non-finite step before any update: every rank agrees, so every rank decides alike."""
+    def _skip_or_stop(self, what: str, loss: float, dropped: bool) -> None:
+        """Handle a non-finite step before any update (``dropped``: the engine's step already left the
+        weights as they were): every rank agrees, so every rank decides alike."""
         step, t = self.step + 1, self.spec.cfg.train
         if t.on_nonfinite == "stop":
             raise NonFiniteError(
@@ -232,7 +237,8 @@ class Trainer:
                 "(train.on_nonfinite=stop); resume from the last checkpoint with a lower optim.lr, or set "
                 "train.on_nonfinite=skip"
             )
-        self.engine.skip()
+        if not dropped:
+            self.engine.skip()
         self.skipped_steps += 1
         if self.world.is_main:
             print(
