@@ -89,7 +89,7 @@ class TorchEngine:
             return clip_grad_norm_(self.trained, clip if clip > 0 else math.inf)
         norm = grad_norm(self.trained)
         if clip > 0:  # clip_grads_with_norm_'s factor min(1, clip / (norm + 1e-6)), as a divisor
-            self.optimizer.grad_scale = ((norm + 1e-6) / clip).clamp(min=1.0)
+            self.optimizer.grad_scale = ((norm.float() + 1e-6) / clip).clamp(min=1.0)  # the kernel reads float32
         return norm
 
     def step(self, skip_if: torch.Tensor | None = None) -> None:
