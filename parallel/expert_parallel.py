@@ -106,6 +106,7 @@ def grad_norm(parameters) -> torch.Tensor:
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over ``grad_norm``'s meshes; ``max_norm`` inf only measures.
     Returns the total norm before clipping."""
+    parameters = list(parameters)  # read twice
     total = grad_norm(parameters)
     if max_norm < math.inf:
         for params in _grads_by_mesh(parameters):
