@@ -34,24 +34,23 @@ def tied_setup(tied: bool, head_trains: bool, param_dtype: torch.dtype):
     return embed, head, ids, labels
 
 
-@pytest.mark.parametrize("head_trains", [True, False], ids=["trained_head", "frozen_head"])
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize(
+PRECISIONS = pytest.mark.parametrize(
     "param_dtype,autocast",
     [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
     ids=["fp32", "bf16_autocast_fp32_master", "bf16_weights"],
 )
+
+
+@pytest.mark.parametrize("head_trains", [True, False], ids=["trained_head", "frozen_head"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@PRECISIONS
 def test_chunked_cross_entropy_equals_full_logits_loss_and_grads(head_trains, tied, param_dtype, autocast):
     check_against_full_logits(head_trains, tied, param_dtype, autocast)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize(
-    "param_dtype,autocast",
-    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
-    ids=["fp32", "bf16_autocast_fp32_master", "bf16_weights"],
-)
-def test_weight_gradient_groups_of_chunks(monkeypatch, tied, param_dtype, autocast):
+@PRECISIONS
+def test_trained_head_chunks_are_loss_group_bytes(monkeypatch, tied, param_dtype, autocast):
     """A trained head's chunks are LOSS_GROUP_BYTES of logits (here 24 rows), not the 8 rows that
     ``chunk_elements`` gives a frozen one: each micro-batch of 37 tokens is a full chunk and a short one."""
     compute_dtype = torch.bfloat16 if autocast else param_dtype

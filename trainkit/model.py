@@ -50,6 +50,9 @@ FLEX_DEVICES = {"cuda"}
 # Compiled once per process: eager flex_attention is a reference that materialises the scores; compiled,
 # it is a fused kernel that skips the blocks the mask empties (other documents, the future).
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+# Eager, create_block_mask evaluates the mask function over the batch's (query, key) pairs through vmap,
+# host-paced; compiled (as torchtitan does) it is a few fused kernels.
+compiled_create_block_mask = torch.compile(create_block_mask)
 
 
 def document_mask(document_ids: torch.Tensor) -> BlockMask | torch.Tensor:
@@ -63,7 +66,7 @@ def document_mask(document_ids: torch.Tensor) -> BlockMask | torch.Tensor:
     def same_document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
-    return create_block_mask(same_document_causal, bsz, None, seq, seq, device=document_ids.device)
+    return compiled_create_block_mask(same_document_causal, bsz, None, seq, seq, device=document_ids.device)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
