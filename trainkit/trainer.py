@@ -146,10 +146,18 @@ class Trainer:
         )
         return loss.full_tensor()
 
+    def _copy_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, the copy queued like a kernel: from page-locked memory on CUDA,
+        since a copy from pageable memory (``torch.tensor(..., device="cuda")`` too) waits for all the
+        GPU work queued before it."""
+        pinned = tensor.pin_memory() if self.world.device.type == "cuda" else tensor
+        return pinned.to(self.world.device, non_blocking=True)
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # Page-locked first: a copy from pageable memory holds the host until the GPU has taken it.
-        pin = self.world.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.world.device, non_blocking=True) for k, v in batch.items()}
+        return {k: self._copy_to_device(v) for k, v in batch.items()}
+
+    def _host_values(self, values: list[float]) -> torch.Tensor:
+        return self._copy_to_device(torch.tensor(values, dtype=torch.float64))
 
     def _step_batches(self, step: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """Step ``step``'s label-token count on this rank and its micro-batches on the device; taken from
@@ -166,7 +174,7 @@ class Trainer:
         t, world, timer = self.spec.cfg.train, self.world, self.timer
         with timer.phase("data"):
             local_tokens, batches = self._step_batches(self.step)
-        label_tokens = torch.tensor([local_tokens], dtype=torch.float64, device=world.device)
+        label_tokens = self._host_values([local_tokens])
         label_tokens = all_reduce_sum(label_tokens, world.dp_mesh)
         # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
         # over every label token of the global batch. TP ranks share a batch and a loss. A device
@@ -192,10 +200,10 @@ class Trainer:
         lr = self.engine.lr
         with timer.phase("optimizer"):
             norm = self.engine.clip_grads()  # global, before clipping; None under DeepSpeed (known after its step)
-        totals = torch.cat([losses, torch.tensor(slots, dtype=torch.float64, device=world.device)])
+        totals = torch.cat([losses, self._host_values(slots)])
         totals = all_reduce_sum(totals, world.dp_mesh)
         # Any rank's stop signal stops every rank: summed over the whole world, not only data-parallel ranks.
-        stop = torch.tensor([float(self.stop_signal is not None)], dtype=torch.float64, device=world.device)
+        stop = self._host_values([float(self.stop_signal is not None)])
         parts = [totals, all_reduce_sum(stop), label_tokens]
         parts += [] if norm is None else [norm.detach().to(totals).view(1)]
         on_device = self.engine.skips_on_device  # the update goes in before the host has seen the values
