@@ -80,6 +80,8 @@ def build_deepspeed_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.op
 
 
 class DeepSpeedEngine:
+    skips_on_device = False  # DeepSpeed clips inside its step, which the loop calls after its checks
+
     def __init__(self, model: torch.nn.Module, spec: JobSpec, world: World):
         """``model`` whole on every rank; ZeRO shards it over the process group, which for this backend
         is ``world.dp_mesh``'s (``ParallelDims`` allows neither tp nor dp_replicate)."""
@@ -110,8 +112,6 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # The loop's loss is already a mean over the global batch: no division by accumulation steps.
         self.model.backward(loss, scale_wrt_gas=False)
-
-    skips_on_device = False  # DeepSpeed clips inside its step, which the loop calls after its checks
 
     def clip_grads(self) -> None:
         """Nothing to do before the step: DeepSpeed clips inside it, and its norm exists only after it."""

@@ -92,23 +92,27 @@ def _grads_by_mesh(parameters) -> list[list[nn.Parameter]]:
     return list(by_mesh.values())
 
 
-def grad_norm(parameters) -> torch.Tensor:
-    """The total L2 norm of the gradients of ``parameters``, also over parameters on different meshes
-    (the expert stacks on the EP mesh, the rest on the data-parallel one), which torch's
-    ``get_total_norm`` cannot put in one norm; a plain tensor."""
+def _total_norm(groups: list[list[nn.Parameter]]) -> torch.Tensor:
     norms = []
-    for params in _grads_by_mesh(parameters):
+    for params in groups:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def grad_norm(parameters) -> torch.Tensor:
+    """The total L2 norm of the gradients of ``parameters``, also over parameters on different meshes
+    (the expert stacks on the EP mesh, the rest on the data-parallel one), which torch's
+    ``get_total_norm`` cannot put in one norm; a plain tensor."""
+    return _total_norm(_grads_by_mesh(parameters))
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over ``grad_norm``'s meshes; ``max_norm`` inf only measures.
     Returns the total norm before clipping."""
-    parameters = list(parameters)  # read twice
-    total = grad_norm(parameters)
+    groups = _grads_by_mesh(parameters)
+    total = _total_norm(groups)
     if max_norm < math.inf:
-        for params in _grads_by_mesh(parameters):
+        for params in groups:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
