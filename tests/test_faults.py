@@ -66,14 +66,14 @@ def test_kill_while_saving_then_sigterm_resume_exactly(cache_dir, tmp_path, caps
 
     resumed = Trainer(spec_for(cache_dir, *job, "train.resume=true"))
     assert resumed.step == 2
-    train_step = resumed.train_step
+    queue_step = resumed._queue_step
 
-    def sigterm_during_step_3():
-        if resumed.step == 2:
+    def sigterm_during_step_3(step):
+        if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_step()
+        return queue_step(step)
 
-    resumed.train_step = sigterm_during_step_3
+    resumed._queue_step = sigterm_during_step_3
     resumed.fit()
     resumed.close()
     assert resumed.step == 3 and sorted(p.name for p in folder.iterdir()) == ["step_00000003"]

@@ -1,6 +1,7 @@
 """The loop end to end: exact resume, DDP equal to one process, the real default job, bad inputs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -225,6 +226,43 @@ def test_param_dtype_sets_master_weights_and_keeps_rope_in_float32(cache_dir, tm
     assert {p.dtype for p in trainer.engine.model.parameters()} == {torch.bfloat16}
     assert trainer.engine.model.inv_freq.dtype == torch.float32
     assert record["step"] == 2 and 0 < record["loss"] < 20
+
+
+def run_traced(cache_dir: Path, out: Path, job: list[str], ahead: bool) -> tuple[list[str], list[dict]]:
+    """A run with ``runs_ahead`` forced to ``ahead``, step 4's loss made NaN: the order in which steps
+    were queued (q) and finished (f), and the metrics records without timings."""
+    trainer = Trainer(spec_for(cache_dir, f"train.output_dir={out}", *job))
+    assert trainer.engine.skips_on_device and not trainer.runs_ahead  # off on the CPU: nothing to overlap
+    trainer.runs_ahead = ahead
+    order, queuing = [], []
+    queue_step, finish_step, loss_sum = trainer._queue_step, trainer._finish_step, trainer._loss_sum
+    trainer._queue_step = lambda step: order.append(f"q{step + 1}") or queuing.append(step) or queue_step(step)
+    trainer._finish_step = lambda queued: order.append(f"f{trainer.step + 1}") or finish_step(queued)
+    trainer._loss_sum = lambda batch: loss_sum(batch) * (math.nan if queuing[-1:] == [3] else 1.0)
+    trainer.fit()
+    trainer.close()
+    timings = ("time_", "step_time_s", "tokens_per_s", "mfu")
+    return order, [{k: v for k, v in r.items() if not k.startswith(timings)} for r in read_metrics(out)]
+
+
+def test_steps_queued_ahead_record_as_steps_one_at_a_time(cache_dir, tmp_path):
+    """On CUDA, with the update on the device (fused AdamW), the loop queues each step before it reads
+    the previous one's values; forced on here on the CPU. The records (loss, norm, LR, eval loss, a NaN
+    step skipped) and checkpoints equal those of one step at a time, and it never queues past a step
+    whose weights are read (eval at 3 and 6, checkpoint at 5, the end)."""
+    job = ["train.steps=7", "train.eval_every=3", "train.checkpoint_every=5", "optim.fused=true"]
+    job.append("train.on_nonfinite=skip")
+    one_at_a_time, ahead = (run_traced(cache_dir, tmp_path / f"ahead_{a}", job, a) for a in (False, True))
+    assert one_at_a_time[0] == "q1 f1 q2 f2 q3 f3 q4 f4 q5 f5 q6 f6 q7 f7".split()
+    assert ahead[0] == "q1 q2 f1 q3 f2 f3 q4 q5 f4 f5 q6 f6 q7 f7".split()
+    assert ahead[1] == one_at_a_time[1]
+    assert [r["skipped_steps"] for r in ahead[1] if "loss" in r] == [0, 0, 0, 1, 1, 1, 1]
+    assert len([r for r in ahead[1] if "eval_loss" in r]) == 4  # before step 1, at 3, 6 and 7
+    for a in (False, True):
+        assert sorted(p.name for p in (tmp_path / f"ahead_{a}" / "checkpoints").iterdir()) == [
+            "step_00000005",
+            "step_00000007",
+        ]
 
 
 @pytest.mark.parametrize(

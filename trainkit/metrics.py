@@ -97,39 +97,44 @@ def cuda_memory(device: torch.device) -> dict[str, int]:
 
 
 class PhaseTimer:
-    """Seconds per phase of one training step (``PHASES``), summed over its micro-batches.
+    """Seconds per phase (``PHASES``) of each training step, summed over its micro-batches.
 
-    On CUDA each phase is a pair of events on the current stream, read only after the loop's
-    end-of-step synchronize, so timing adds no sync inside the step; on the CPU, ``perf_counter``.
+    On CUDA each phase is a pair of events on the current stream, read only once the step's values
+    have reached the host, so timing adds no sync inside the step; on the CPU, ``perf_counter``. Steps
+    may overlap (the loop queues the next step before reading this one's values): ``begin_step``
+    opens a step's account, ``times`` closes the oldest open one.
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._seconds = dict.fromkeys(PHASES, 0.0)
-        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._steps: list[tuple[dict[str, float], list]] = []  # per open step: CPU seconds, CUDA events
+
+    def begin_step(self) -> None:
+        self._steps.append((dict.fromkeys(PHASES, 0.0), []))
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        seconds, events = self._steps[-1]
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
             end.record()
-            self._events.append((name, start, end))
+            events.append((name, start, end))
         else:
             start = time.perf_counter()
             yield
-            self._seconds[name] += time.perf_counter() - start
+            seconds[name] += time.perf_counter() - start
 
     def times(self, step_time: float) -> dict[str, float]:
-        """The step's ``time_<phase>_s`` and ``time_other_s`` (the rest of ``step_time``: collectives
-        outside the phases, the non-finite check, host overhead), then starts the next step at zero.
-        On CUDA, call after the step's synchronize."""
-        for name, start, end in self._events:
-            self._seconds[name] += start.elapsed_time(end) / 1e3
-        times = {f"time_{name}_s": seconds for name, seconds in self._seconds.items()}
-        times["time_other_s"] = step_time - sum(self._seconds.values())
-        self._seconds, self._events = dict.fromkeys(PHASES, 0.0), []
+        """The oldest open step's ``time_<phase>_s`` and ``time_other_s`` (the rest of ``step_time``:
+        collectives outside the phases, the non-finite check, host time the device waited for). On
+        CUDA, call once that step's work is done."""
+        seconds, events = self._steps.pop(0)
+        for name, start, end in events:
+            seconds[name] += start.elapsed_time(end) / 1e3
+        times = {f"time_{name}_s": s for name, s in seconds.items()}
+        times["time_other_s"] = step_time - sum(seconds.values())
         return times
 
 
@@ -179,6 +184,10 @@ class StepProfiler:
             self._end_trace()
         if self.memory_steps and n >= self.memory_steps[1]:
             self._end_memory()
+
+    def window_edge(self, n: int) -> bool:
+        """Whether a window ends with step ``n`` or starts with step ``n + 1``."""
+        return any(w and (w[1] == n or w[0] == n + 1) for w in (self.profile_steps, self.memory_steps))
 
     def finish(self) -> None:
         """End what a run that stopped inside a window left open."""

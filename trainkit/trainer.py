@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,17 @@ from trainkit.spec import CUDA_GRAPH_MODES, JobSpec
 from trainkit.weights import check_model_matches, load_hf_weights, load_tokenizer, prepare_hf_folder, save_hf_state_dict
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class QueuedStep:
+    """A step whose work is queued on the device; ``values`` hold its sums once ``arrived`` has fired."""
+
+    values: torch.Tensor  # CE and aux loss sums, dropped and routed slots, stop flag, label tokens[, norm]
+    arrived: torch.cuda.Event | None  # None: values are already there (the CPU)
+    lr: float
+    has_norm: bool
+    updated: bool  # the engine's update is queued too (``skips_on_device``); else the host applies it
 
 
 class NonFiniteError(ConfigError):
@@ -103,6 +115,9 @@ class Trainer:
             load_hf_weights(unwrap(model), weights_dir)
         self.weights_dir = weights_dir
         self.engine = build_engine(model, spec, self.world)
+        # Queue each step before the previous one's values are read (``_may_run_ahead``): on CUDA, where
+        # the host would otherwise leave the GPU idle while it reads them and launches the next forward.
+        self.runs_ahead = spec.device_type == "cuda" and self.engine.skips_on_device
         self.checkpointer = Checkpointer(cfg, spec.dims, self.world)
         self.step = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm
@@ -159,6 +174,17 @@ class Trainer:
     def _host_values(self, values: list[float]) -> torch.Tensor:
         return self._copy_to_device(torch.tensor(values, dtype=torch.float64))
 
+    def _copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A device tensor's copy on the host, queued like a kernel, and on CUDA the event after which
+        the copy holds the values."""
+        if self.world.device.type != "cuda":
+            return tensor, None
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return host, arrived
+
     def _step_batches(self, step: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """Step ``step``'s label-token count on this rank and its micro-batches on the device; taken from
         ``_prefetched`` when the previous step prepared them."""
@@ -171,9 +197,17 @@ class Trainer:
         return local_tokens, [self._to_device(r) for r in rows]
 
     def train_step(self) -> dict:
+        """One whole step, its values read back: the record of step ``self.step + 1``."""
+        return self._finish_step(self._queue_step(self.step))
+
+    def _queue_step(self, step: int) -> QueuedStep:
+        """Queue step ``step`` (0-based) on the device: forward, backward, clipping, and the update too
+        where the engine ``skips_on_device``; its values (losses, counts, norm) start on their way to
+        the host, which ``_finish_step`` reads."""
         t, world, timer = self.spec.cfg.train, self.world, self.timer
+        timer.begin_step()
         with timer.phase("data"):
-            local_tokens, batches = self._step_batches(self.step)
+            local_tokens, batches = self._step_batches(step)
         label_tokens = self._host_values([local_tokens])
         label_tokens = all_reduce_sum(label_tokens, world.dp_mesh)
         # Data-parallel backends average gradients over dp ranks; scaling by dp makes that a mean
@@ -194,9 +228,9 @@ class Trainer:
                     self.engine.backward(loss * scale + aux * aux_weight)
             losses += torch.stack([loss.detach(), aux.detach()])
             slots = [total + n for total, n in zip(slots, model.moe_drop_counts())]
-        if self.step + 1 < t.steps:
+        if step + 1 < t.steps:
             with timer.phase("data"):  # the host prepares the next step while the GPU works through this one
-                self._prefetched = (self.step + 1, self._step_batches(self.step + 1))
+                self._prefetched = (step + 1, self._step_batches(step + 1))
         lr = self.engine.lr
         with timer.phase("optimizer"):
             norm = self.engine.clip_grads()  # global, before clipping; None under DeepSpeed (known after its step)
@@ -210,16 +244,25 @@ class Trainer:
         if on_device:
             with timer.phase("optimizer"):
                 self.engine.step(skip_if=~(torch.isfinite(totals[0]) & torch.isfinite(norm)))
-        values = torch.cat(parts).tolist()  # the step's one synchronisation
+        values, arrived = self._copy_to_host(torch.cat(parts))
+        return QueuedStep(values, arrived, lr, has_norm=norm is not None, updated=on_device)
+
+    def _finish_step(self, queued: QueuedStep) -> dict:
+        """Read a queued step's values (waiting for them), act on a non-finite loss or gradient, apply
+        the update where the engine needs the host to decide it, and return the step's record."""
+        t, timer = self.spec.cfg.train, self.timer
+        if queued.arrived is not None:
+            queued.arrived.synchronize()
+        values = queued.values.tolist()
         loss, aux, dropped, routed, stop, label_tokens = values[:6]
-        grad_norm = values[6] if norm is not None else None
+        grad_norm = values[6] if queued.has_norm else None
         loss /= label_tokens
         self.stopping = self.stopping or stop > 0
         scaled = self.spec.cfg.precision.grad_scaler  # an overflow is the scaler's to skip and its scale to lower
         if not math.isfinite(loss) or not (grad_norm is None or math.isfinite(grad_norm) or scaled):
-            self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss, dropped=on_device)
+            self._skip_or_stop("the loss" if not math.isfinite(loss) else "a gradient", loss, dropped=queued.updated)
             grad_norm = None
-        elif not on_device:
+        elif not queued.updated:
             with timer.phase("optimizer"):
                 after = self.engine.step()
             grad_norm = grad_norm if after is None else after
@@ -229,7 +272,7 @@ class Trainer:
                     f"step {self.step + 1}: the gradient norm is {grad_norm}: stopped after the update, nothing "
                     "saved; resume from the last checkpoint with a lower optim.lr"
                 )
-        record = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "label_tokens": int(label_tokens)}
+        record = {"loss": loss, "grad_norm": grad_norm, "lr": queued.lr, "label_tokens": int(label_tokens)}
         if routed:
             record["moe_aux_loss"] = aux / (t.grad_accum_steps * self.spec.dp_size)
             record["moe_dropped_fraction"] = dropped / routed
@@ -308,8 +351,28 @@ class Trainer:
             self.metrics.write({**record, **self.first_record})
             self.first_record = {}
 
-    def _is_due(self, every: int) -> bool:
-        return self.step == self.spec.cfg.train.steps or (every > 0 and self.step % every == 0)
+    def _is_due(self, every: int, step: int | None = None) -> bool:
+        step = self.step if step is None else step
+        return step == self.spec.cfg.train.steps or (every > 0 and step % every == 0)
+
+    def _may_run_ahead(self, stop_at: int) -> bool:
+        """Whether the step after the one in flight may be queued before the host reads the values of
+        the one in flight: only where the engine applies updates on the device (the host decides nothing
+        for it), and not past a step whose weights something reads (eval, checkpoint, the run's end, a
+        stop signal) nor across a profiler window's edge (each window holds its own steps' work)."""
+        t, finishing = self.spec.cfg.train, self.step + 1
+        return (
+            self.runs_ahead
+            and finishing < stop_at
+            and not self.stopping
+            and not self._is_due(t.eval_every, finishing)
+            and not self._is_due(t.checkpoint_every, finishing)
+            and not self.profiler.window_edge(finishing)
+        )
+
+    def _synchronize(self) -> None:
+        if self.spec.device_type == "cuda":
+            torch.cuda.synchronize()
 
     @contextlib.contextmanager
     def _stop_signals(self):
@@ -343,16 +406,23 @@ class Trainer:
             dynamic_ncols=True,
         )
         record: dict = {}
+        queued = None  # a step on the device whose values the host has not read yet
         with self._stop_signals():
-            while self.step < stop_at and not self.stopping:
+            while queued is not None or (self.step < stop_at and not self.stopping):
                 with self.profiler.step(self.step + 1):  # starting and exporting traces stay out of the step time
-                    if self.spec.device_type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    stats = self.train_step()
-                    if self.spec.device_type == "cuda":
-                        torch.cuda.synchronize()
-                    step_time = time.perf_counter() - start
+                    if queued is None:
+                        self._synchronize()
+                        start = time.perf_counter()
+                        queued = self._queue_step(self.step)
+                    # The next step goes onto the device before this one's values are read: the host's
+                    # bookkeeping and the next forward's launches then overlap this step's GPU work.
+                    ahead = self._queue_step(self.step + 1) if self._may_run_ahead(stop_at) else None
+                    stats = self._finish_step(queued)
+                    if ahead is None:
+                        self._synchronize()
+                    end = time.perf_counter()
+                    step_time, start = end - start, end  # overlapped steps: from one's values to the next's
+                queued = ahead
                 self.step += 1
                 record = self._record(stats, step_time)
                 if self._is_due(t.eval_every):
@@ -366,7 +436,7 @@ class Trainer:
                     ms=phase_postfix(record),
                 )
                 bar.update(1)
-                if self._is_due(t.checkpoint_every) or self.step == stop_at or self.stopping:
+                if queued is None and (self._is_due(t.checkpoint_every) or self.step == stop_at or self.stopping):
                     saved = self.checkpointer.save(self.engine, self.step, self.skipped_steps)
         bar.close()
         self.profiler.finish()
