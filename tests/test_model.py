@@ -57,7 +57,7 @@ def test_trained_head_chunks_are_loss_group_bytes(monkeypatch, tied, param_dtype
     monkeypatch.setattr(model_module, "LOSS_GROUP_BYTES", 3 * 8 * 50 * compute_dtype.itemsize)
     calls = []
     addmm_ = torch.Tensor.addmm_
-    monkeypatch.setattr(torch.Tensor, "addmm_", lambda g, d, h: calls.append(len(h)) or addmm_(g, d, h))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda g, d, h, **kw: calls.append(len(h)) or addmm_(g, d, h, **kw))
     check_against_full_logits(True, tied, param_dtype, autocast)
     assert calls == [24, 13, 24, 13]  # two micro-batches of 37 tokens
 

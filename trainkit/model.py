@@ -184,7 +184,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # In the compute dtype, updated in place once per chunk: rounded a few times where autograd's
         # full-logits matmul rounds once. A float32 weight gets its float32 copy in backward, after
         # autocast has freed its weight copies, not at the forward's peak.
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         if need_w:
             chunk_rows = max(chunk_rows, LOSS_GROUP_BYTES // (vocab * w.element_size()))
         logits = torch.empty(min(chunk_rows, n), vocab, dtype=dtype, device=hidden.device)
@@ -196,8 +196,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 ignored = (target == -100)[:, None]  # zeroed on [rows, hidden], not [rows, vocab]
                 if need_h:
                     grad_h[i : i + chunk_rows] = (dlogits @ w).masked_fill_(ignored, 0)
-                if need_w:
-                    grad_w.addmm_(dlogits.t(), h.masked_fill(ignored, 0))
+                if need_w:  # the first chunk writes, the others add: no pass to zero it first
+                    grad_w.addmm_(dlogits.t(), h.masked_fill(ignored, 0), beta=int(i > 0))
         # Attributes, not saved tensors: gradients, not activations, so activation offloading leaves them.
         ctx.grads, ctx.dtypes = (grad_h, grad_w), (hidden.dtype, weight.dtype)
         return loss
@@ -205,8 +205,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
-        # In place: they are used once (the trainer never backpropagates this graph twice).
-        scaled = [g.to(t).mul_(grad_loss.to(t)) if g is not None else None for g, t in zip(grads, ctx.dtypes)]
+        # In place: they are used once (the trainer never backpropagates this graph twice). The foreach
+        # kernel reads the device scalar once per block; ``mul_`` broadcasts it per element, at half the
+        # bandwidth on the head's gradient.
+        scaled = [g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)]
+        for g in scaled:
+            if g is not None:
+                torch._foreach_mul_([g], grad_loss.to(g.dtype))
         return *scaled, None, None, None
 
 
