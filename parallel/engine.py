@@ -60,6 +60,7 @@ class TorchEngine:
         # divides the gradients by ``grad_scale`` and changes nothing where ``found_inf`` is set. The
         # update is then queued before the step's one synchronisation (the GPU does not idle while the
         # host decides) and clipping needs no pass of its own. Not under a grad scaler, which sets both.
+        # ``TritonAdamW`` (CUDA) is one: an AdamW subclass with torch's fused layout and these two inputs.
         self.skips_on_device = bool(
             self.optimizer.defaults.get("fused")
             and isinstance(self.optimizer, torch.optim.AdamW)

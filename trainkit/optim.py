@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from trainkit.spec import JobSpec
 
@@ -35,23 +36,100 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+class TritonAdamW(torch.optim.AdamW):
+    """torch's fused AdamW with one Triton kernel per parameter for the update
+    (``trainkit.triton_kernels.adamw_step``): the same float32 arithmetic, but 14 bytes moved per bf16
+    parameter in 16-byte accesses, where torch's moves 16 (it writes the unscaled gradient back when
+    clipping) in 8-byte ones. Its state is torch's fused layout (``step`` a float32 tensor beside the parameter,
+    ``exp_avg`` / ``exp_avg_sq`` in the parameter's dtype), so checkpoints go both ways; it honours
+    ``grad_scale`` and ``found_inf`` as torch's fused optimizer does (the engine's clipping and
+    skipping, or a GradScaler's). Any device where triton runs (its interpreter on CPU in the tests);
+    ``build_optimizer`` picks it on CUDA. Plain dense tensors only: FSDP / TP (DTensor) keep torch's."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        # fused=True is the state layout (float32 step tensor on the parameter's device) and AMP scaling
+        # inside the step; torch's fused kernel itself never runs: step() is ours.
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._adopt(self.param_groups[-1])
+
+    def __setstate__(self, state: dict) -> None:
+        """Also what ``load_state_dict`` ends with: a checkpoint of torch's foreach AdamW keeps its steps
+        on the CPU and its groups unfused; the kernel reads the step beside the parameter."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._adopt(group)
+            for p in group["params"]:
+                if "step" in self.state.get(p, {}):
+                    self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
+
+    @staticmethod
+    def _adopt(group: dict) -> None:
+        """Refuse in one line what the kernel does not do; the group's state is torch's fused layout."""
+        unsupported = [name for name in ("amsgrad", "maximize", "differentiable") if group[name]]
+        if unsupported:
+            raise ValueError(f"TritonAdamW does not do {' or '.join(unsupported)}: use torch.optim.AdamW")
+        if isinstance(group["lr"], torch.Tensor):
+            raise ValueError("TritonAdamW takes lr as a float, not a tensor")
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                raise ValueError("TritonAdamW takes plain tensors: DTensor parameters (FSDP / TP) need torch's AdamW")
+            if p.is_complex() or not p.is_contiguous():
+                raise ValueError(f"TritonAdamW takes contiguous real parameters, not {p.dtype} of strides {p.stride()}")
+        group["fused"] = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from trainkit.triton_kernels import adamw_step  # triton only once a step runs: see conftest
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            # torch's own: skips grad None, refuses sparse grads, creates the state on first use
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
+            if not params:
+                continue
+            # As torch's fused step: the count advances before the update and goes back where it was skipped.
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+                adamw_step(
+                    *tensors,
+                    grad_scale,
+                    found_inf,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                )
+            if found_inf is not None:
+                torch._foreach_sub_(steps, [found_inf] * len(steps))
+        return loss
+
+
 def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
-    """AdamW over the trained parameters: torch's, with fused kernels on CUDA and foreach elsewhere
+    """AdamW over the trained parameters: ``TritonAdamW`` on CUDA for plain tensors (one process,
+    DDP), torch's fused kernels for DTensors (FSDP / TP) and under DeepSpeed, foreach elsewhere
     (CPU-offloaded weights step on the CPU); or bitsandbytes' with 8-bit states (``adamw_8bit``),
     which can also page out to CPU memory under pressure (``paged_adamw_8bit``)."""
     o = spec.cfg.optim
+    groups = param_groups(model, o.weight_decay)
     if o.name != "adamw":
         import bitsandbytes as bnb  # only when asked for: it probes the GPU at import
 
         optimizer = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[o.name]
-        return optimizer(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        return optimizer(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     on_gpu = spec.device_type == "cuda" and not spec.cfg.parallel.cpu_offload
     fused = o.fused if o.fused is not None else on_gpu
-    return torch.optim.AdamW(
-        param_groups(model, o.weight_decay),
-        lr=o.lr,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=fused,
-        foreach=None if fused else True,
-    )
+    options = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
+    plain = spec.dims.backend == "torch" and not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    if fused and on_gpu and plain:
+        return TritonAdamW(groups, **options)
+    return torch.optim.AdamW(groups, **options, fused=fused, foreach=None if fused else True)

@@ -13,17 +13,19 @@ import triton.language as tl
 
 # Logits per loop iteration of a row: 8 KiB of bf16 read per iteration, 16 values a thread at 8 warps.
 VOCAB_BLOCK = 4096
+# Elements per AdamW program: 16 a thread at 8 warps, two 128-bit loads of bf16 per tensor.
+ADAMW_BLOCK = 4096
 
 
 @triton.jit
 def to_output(x, dtype: tl.constexpr):
     """float32 -> ``dtype``, rounding to nearest even like CUDA's conversions. bfloat16 is rounded by
     hand: triton's interpreter truncates float32 -> bfloat16, and the CPU tests must check what the GPU
-    runs (no NaNs here: the inputs are finite)."""
+    runs. A NaN is converted, not rounded: the carry would turn the GPU's NaN (0x7FFFFFFF) into -0."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x == x, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), x.to(tl.bfloat16))
     else:
         return x.to(dtype)
 
@@ -70,3 +72,113 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
         block = min(VOCAB_BLOCK, triton.next_power_of_2(vocab))
         _cross_entropy_grad_kernel[(rows,)](logits, targets, losses, vocab, logits.stride(0), BLOCK=block, num_warps=8)
     return losses
+
+
+@triton.jit
+def _one_minus_pow(beta, step):
+    """``1 - beta ** step`` as torch's CUDA kernel takes it (``1 - powf(beta, step)`` in float32), the
+    power correctly rounded: squared up in float64 over the whole steps, then rounded once. Early on
+    the subtraction keeps few digits (1 - 0.999), so an inexact power would move the update visibly."""
+    power = tl.full((), 1.0, tl.float64)
+    base = beta.to(tl.float64)
+    exponent = step.to(tl.int32)
+    while exponent > 0:
+        if exponent % 2 == 1:
+            power *= base
+        base *= base
+        exponent //= 2
+    return 1 - power.to(tl.float32)
+
+
+@triton.jit
+def _adamw_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    step_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    numel,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    """One AdamW update of BLOCK elements, in float32 and in the order of torch's CUDA ``_fused_adamw_``
+    (fused_adam_utils.cuh: its explicit fmas, IEEE division and square root, and the fma nvcc makes of
+    the weight decay), one rounding per output. The gradient is read, never written."""
+    # The GPU gets the hyperparameters as float32, the interpreter as Python floats: cast for both.
+    lr, weight_decay = tl.cast(lr, tl.float32), tl.cast(weight_decay, tl.float32)
+    beta1, beta2 = tl.cast(beta1, tl.float32), tl.cast(beta2, tl.float32)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if found_inf_ptr is not None:
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # a skipped step loads and stores nothing
+    mask = offsets < numel
+    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    # While the loads are in flight. The step count was advanced on the device: the host never knows it.
+    step = tl.load(step_ptr)
+    step_size = tl.div_rn(lr, _one_minus_pow(beta1, step))
+    bias_correction2_sqrt = tl.sqrt_rn(_one_minus_pow(beta2, step))
+
+    if grad_scale_ptr is not None:
+        grad = tl.div_rn(grad, tl.load(grad_scale_ptr))
+    if weight_decay != 0:
+        param = tl.fma(-(lr * weight_decay), param, param)
+    exp_avg = tl.fma(beta1, exp_avg, tl.fma(-beta1, grad, grad))
+    grad_sq = grad * grad
+    exp_avg_sq = tl.fma(beta2, exp_avg_sq, tl.fma(-beta2, grad_sq, grad_sq))
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    param -= tl.div_rn(step_size * exp_avg, denom)
+
+    tl.store(param_ptr + offsets, to_output(param, param_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_ptr + offsets, to_output(exp_avg, exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, to_output(exp_avg_sq, exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+
+
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
+    """AdamW on one parameter in place, as torch's fused kernel computes it: the gradient divided by
+    ``grad_scale`` (float32, one element) where given, nothing changed where ``found_inf`` (float32, one
+    element) is nonzero; ``step`` (float32, on the device) is the count including this update."""
+    if not (param.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+        raise ValueError("adamw_step needs a contiguous parameter, gradient and states")
+    numel = param.numel()
+    if numel:
+        grid = (triton.cdiv(numel, ADAMW_BLOCK),)
+        _adamw_kernel[grid](
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            step,
+            grad_scale,
+            found_inf,
+            numel,
+            float(lr),  # float32 in the kernel, as torch's casts its hyperparameters (an int would be specialised)
+            float(beta1),
+            float(beta2),
+            float(weight_decay),
+            float(eps),
+            BLOCK=ADAMW_BLOCK,
+            num_warps=8,
+            enable_fp_fusion=False,  # the fmas are the ones written above, on the GPU as in the interpreter
+        )
