@@ -38,9 +38,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class TritonAdamW(torch.optim.AdamW):
     """torch's fused AdamW with one Triton kernel per parameter for the update
-    (``trainkit.triton_kernels.adamw_step``): the same float32 arithmetic, but 14 bytes moved per bf16
-    parameter in 16-byte accesses, where torch's moves 16 (it writes the unscaled gradient back when
-    clipping) in 8-byte ones. Its state is torch's fused layout (``step`` a float32 tensor beside the parameter,
+    (``trainkit.triton_kernels.adamw_step``): torch's float32 arithmetic but for fast square roots and
+    divisions (bf16 results within one ulp of torch's), at memory speed: 14 bytes moved per bf16
+    parameter, where torch's moves 16 (it writes the unscaled gradient back when clipping) and is
+    bound by its IEEE divisions. Its state is torch's fused layout (``step`` a float32 tensor beside the parameter,
     ``exp_avg`` / ``exp_avg_sq`` in the parameter's dtype), so checkpoints go both ways; it honours
     ``grad_scale`` and ``found_inf`` as torch's fused optimizer does (the engine's clipping and
     skipping, or a GradScaler's). Any device where triton runs (its interpreter on CPU in the tests);
