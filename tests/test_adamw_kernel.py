@@ -222,9 +222,10 @@ def test_a_sparse_grad_is_refused():
 
 
 def test_build_optimizer_takes_it_on_cuda_only(cache_dir, tmp_path):
-    """On CUDA for plain tensors, and the engine then clips and skips inside the step; torch's elsewhere.
-    (CUDA specs over CPU parameters: the choice is all that is checked.)"""
-    model = torch.nn.Linear(8, 8)
+    """On CUDA for plain tensors of a million elements on average, and the engine then clips and skips
+    inside the step; torch's elsewhere, and for small tensors (adapters), which its fused kernel steps
+    many to a launch. (CUDA specs over CPU parameters: the choice is all that is checked.)"""
+    model = torch.nn.Linear(2048, 1024, bias=False)
     cpu, unfused = (
         spec_for(cache_dir, f"train.output_dir={tmp_path}", "train.device=cpu", f"optim.fused={fused}")
         for fused in ("true", "false")
@@ -234,6 +235,8 @@ def test_build_optimizer_takes_it_on_cuda_only(cache_dir, tmp_path):
     assert TorchEngine(model, cuda).skips_on_device
     assert type(build_optimizer(model, cpu)) is torch.optim.AdamW
     assert type(build_optimizer(model, dataclasses.replace(unfused, device_type="cuda"))) is torch.optim.AdamW
+    small = build_optimizer(torch.nn.Linear(1024, 1024), cuda)  # a bias beside the matrix: 0.5 M on average
+    assert type(small) is torch.optim.AdamW and small.defaults["fused"]
 
 
 @triton.jit
