@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from trainkit.optim import TritonAdamW
+from trainkit.optim import TritonAdamW, param_groups
 
 HIDDEN, LAYERS, VOCAB = 2048, 16, 128256
 # q, k, v, o, gate, up, down, the two RMSNorm weights
@@ -44,15 +44,8 @@ def trained_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.T
     return params
 
 
-def param_groups(params: list[torch.Tensor]) -> list[dict]:
-    return [
-        {"params": [p for p in params if p.ndim == 2], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0},
-    ]
-
-
 def torch_adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(params), **OPTIONS, fused=True)
+    return torch.optim.AdamW(param_groups(params, WEIGHT_DECAY), **OPTIONS, fused=True)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer, grad_scale: float) -> torch.optim.Optimizer:
@@ -72,7 +65,7 @@ def compare_one_update(shapes: list[tuple[int, ...]]) -> None:
     ours = [p.detach().clone().requires_grad_() for p in theirs]
     for mine, ref in zip(ours, theirs):
         mine.grad = ref.grad.clone()  # a copy: torch's step divides its own in place
-    optimizer = TritonAdamW(param_groups(ours), **OPTIONS)
+    optimizer = TritonAdamW(param_groups(ours, WEIGHT_DECAY), **OPTIONS)
     optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
     for opt in (reference, optimizer):
         skips_on_device(opt, 1.25).step()
@@ -130,7 +123,7 @@ def main() -> None:
         (
             "TritonAdamW, grad_scale + found_inf",
             14,
-            lambda: skips_on_device(TritonAdamW(param_groups(params), **OPTIONS), 1.0),
+            lambda: skips_on_device(TritonAdamW(param_groups(params, WEIGHT_DECAY), **OPTIONS), 1.0),
         ),
     ]
     times = {}

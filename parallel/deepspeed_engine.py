@@ -75,7 +75,7 @@ def build_deepspeed_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.op
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     o = spec.cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model.parameters(), o.weight_decay)
     return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
 
 

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from parallel.engine import TorchEngine
 from tests.test_train import spec_for
-from trainkit.optim import TritonAdamW, build_optimizer
+from trainkit.optim import TritonAdamW, build_optimizer, param_groups
 from trainkit.triton_kernels import to_output
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,13 +23,7 @@ FLOAT32_BETAS = tuple(torch.tensor(BETAS).tolist())
 # Two programs and a ragged end, one ragged program, and a vector (no weight decay).
 SHAPES = [(70, 70), (33, 40), (40,)]
 LRS = [1e-2, 3e-2, 2e-2, 5e-3, 1e-3]  # a schedule: the kernel takes each step's lr
-
-
-def param_groups(params: list[torch.Tensor]) -> list[dict]:
-    return [
-        {"params": [p for p in params if p.ndim == 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0},
-    ]
+WEIGHT_DECAY = 0.1  # on the matrices; trainkit.optim.param_groups exempts vectors
 
 
 def random_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -50,9 +44,12 @@ def paired_updates(dtype: torch.dtype, fused_reference: bool):
     init = random_params(dtype)
     ours = [p.to(DEVICE, copy=True).requires_grad_() for p in init]
     theirs = [p.clone().requires_grad_() for p in init]
-    optimizer = TritonAdamW(param_groups(ours), betas=BETAS)
+    optimizer = TritonAdamW(param_groups(ours, WEIGHT_DECAY), betas=BETAS)
     reference = torch.optim.AdamW(
-        param_groups(theirs), betas=FLOAT32_BETAS, fused=fused_reference, foreach=None if fused_reference else False
+        param_groups(theirs, WEIGHT_DECAY),
+        betas=FLOAT32_BETAS,
+        fused=fused_reference,
+        foreach=None if fused_reference else False,
     )
     g = torch.Generator().manual_seed(1)
     for i, lr in enumerate(LRS):
@@ -130,7 +127,7 @@ def test_bfloat16_update_is_torch_fused_within_one_ulp():
 
 def test_found_inf_skips_the_step_entirely():
     params = [p.to(DEVICE).requires_grad_() for p in random_params(torch.bfloat16)]
-    optimizer = TritonAdamW(param_groups(params))
+    optimizer = TritonAdamW(param_groups(params, WEIGHT_DECAY))
     g = torch.Generator().manual_seed(1)
     for p, grad in zip(params, random_grads(params, g)):
         p.grad = grad.to(DEVICE)
@@ -152,7 +149,7 @@ def test_found_inf_skips_the_step_entirely():
 
 def test_a_param_without_grad_is_left_alone():
     trained, idle, vector = [p.to(DEVICE).requires_grad_() for p in random_params(torch.float32)]
-    optimizer = TritonAdamW(param_groups([trained, idle, vector]))
+    optimizer = TritonAdamW(param_groups([trained, idle, vector], WEIGHT_DECAY))
     trained.grad = torch.ones_like(trained)
     before = [trained.clone(), idle.clone(), vector.clone()]
     optimizer.step()
@@ -167,14 +164,14 @@ def test_state_dict_round_trip_with_torch_adamw():
     init = random_params(torch.float32)
     handed_on = [p.to(DEVICE, copy=True).requires_grad_() for p in init]
     throughout = [p.clone().requires_grad_() for p in init]
-    reference = torch.optim.AdamW(param_groups(throughout), betas=FLOAT32_BETAS, foreach=False)
+    reference = torch.optim.AdamW(param_groups(throughout, WEIGHT_DECAY), betas=FLOAT32_BETAS, foreach=False)
     g = torch.Generator().manual_seed(1)
-    optimizer = torch.optim.AdamW(param_groups(handed_on), betas=FLOAT32_BETAS, foreach=False)
+    optimizer = torch.optim.AdamW(param_groups(handed_on, WEIGHT_DECAY), betas=FLOAT32_BETAS, foreach=False)
     for step, lr in enumerate(LRS, start=1):
         if step in (3, 5):  # torch's -> ours, then ours -> torch's
             kind = TritonAdamW if step == 3 else torch.optim.AdamW
             state_dict = optimizer.state_dict()
-            optimizer = kind(param_groups(handed_on))
+            optimizer = kind(param_groups(handed_on, WEIGHT_DECAY))
             optimizer.load_state_dict(state_dict)
         if step == 3:  # torch's single-tensor steps are on the CPU, unfused: the kernel reads them beside the param
             assert all(group["fused"] for group in optimizer.param_groups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -25,10 +26,11 @@ def lr_lambda(spec: JobSpec):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on vectors (norms, biases). Empty groups are left out: DeepSpeed drops them, and
-    the LR schedule must see the groups the optimizer keeps (adapters alone have no vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
+    """The trained ones of ``params``, no weight decay on vectors (norms, biases). Empty groups are left
+    out: DeepSpeed drops them, and the LR schedule must see the groups the optimizer keeps (adapters
+    alone have no vectors)."""
+    params = [p for p in params if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -128,7 +130,7 @@ def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimi
     (CPU-offloaded weights step on the CPU); or bitsandbytes' with 8-bit states (``adamw_8bit``),
     which can also page out to CPU memory under pressure (``paged_adamw_8bit``)."""
     o = spec.cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model.parameters(), o.weight_decay)
     if o.name != "adamw":
         import bitsandbytes as bnb  # only when asked for: it probes the GPU at import
 
