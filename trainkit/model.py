@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from trainkit.config import ModelConfig
@@ -171,7 +172,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     hidden gradient and add into the weight's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, grad_enabled: bool, weight_grad_to: list | None):
         device = hidden.device.type
         # Autocast's matmul dtype, applied by hand (autocast is off below). ``.to`` is a no-op where the
         # dtype already matches; a float32 master weight gets one low-precision copy for the whole loss.
@@ -200,6 +201,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(dlogits.t(), h.masked_fill(ignored, 0), beta=int(i > 0))
         # Attributes, not saved tensors: gradients, not activations, so activation offloading leaves them.
         ctx.grads, ctx.dtypes = (grad_h, grad_w), (hidden.dtype, weight.dtype)
+        ctx.weight_grad_to = weight_grad_to
         return loss
 
     @staticmethod
@@ -212,17 +214,63 @@ class LinearCrossEntropy(torch.autograd.Function):
         for g in scaled:
             if g is not None:
                 torch._foreach_mul_([g], grad_loss.to(g.dtype))
-        return *scaled, None, None, None
+        grad_h, grad_w = scaled
+        if ctx.weight_grad_to is not None:  # a tied embedding's backward adds its rows and returns it
+            ctx.weight_grad_to.append(grad_w)
+            grad_w = None
+        return grad_h, grad_w, None, None, None, None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """The lookup of an embedding shared with a trained output head (``LinearCrossEntropy``): backward
+    adds the looked-up rows' gradients into the head's [vocab, hidden] gradient in place and returns it
+    as the weight's one gradient. Autograd would instead build a dense embedding gradient (a zero fill
+    and a scatter) and add the two: for a 1B model ~0.7 ms a step on an H100, against ~0.1 ms."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, head_grad: list):
+        ctx.save_for_backward(ids)
+        ctx.head_grad, ctx.weight_meta = head_grad, (weight.shape, weight.dtype, weight.device)
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        shape, dtype, device = ctx.weight_meta
+        # Empty when backward starts from something other than the loss (the head gives no gradient).
+        grad_w = ctx.head_grad.pop() if ctx.head_grad else torch.zeros(shape, dtype=dtype, device=device)
+        add_rows_(grad_w, ids.flatten(), grad_out.flatten(0, -2))
+        return None, grad_w, None
+
+
+def add_rows_(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[index[i]] += rows[i]`` for every i, the rows of a repeated index summed in float32 and
+    added once (as autograd's dense embedding gradient, then its sum, round), without a host
+    synchronisation: a sort groups equal indices into segments, one float32 sum per segment."""
+    sorted_index, order = index.sort(stable=True)  # stable: on CPU the sums' order is the rows' order
+    starts = torch.ones_like(sorted_index, dtype=torch.bool)
+    starts[1:] = sorted_index[1:] != sorted_index[:-1]
+    segment = starts.cumsum(0) - 1
+    sums = rows.new_zeros(rows.shape, dtype=torch.float32).index_add_(0, segment, rows[order].float())
+    # Each segment's index; the unused segments past the last add zero to rows spread out (no atomics
+    # piling onto one row).
+    targets = (torch.arange(len(index), device=index.device) % len(out)).scatter_(0, segment, sorted_index)
+    return out.index_add_(0, targets, sums.to(out.dtype))
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    weight_grad_to: list | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred or
-    thousand tokens at a time, so the full [tokens, vocab] logits (and any float32 copy) never exist."""
+    thousand tokens at a time, so the full [tokens, vocab] logits (and any float32 copy) never exist.
+    With ``weight_grad_to`` (a ``TiedEmbedding``'s list) the head's gradient goes there, not to autograd."""
     chunk_rows = max(1, chunk_elements // head.out_features)
     return LinearCrossEntropy.apply(
-        hidden.flatten(0, -2), head.weight, labels.flatten(), chunk_rows, torch.is_grad_enabled()
+        hidden.flatten(0, -2), head.weight, labels.flatten(), chunk_rows, torch.is_grad_enabled(), weight_grad_to
     )
 
 
@@ -284,7 +332,9 @@ class Transformer(nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device).expand(bsz, seq)
         freqs = position_ids[..., None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [batch, 1, seq, head_dim]
-        h = self.model.embed_tokens(input_ids)
+        embed = self.model.embed_tokens
+        head_grad = [] if labels is not None and self.hands_head_grad_to_embedding() else None
+        h = embed(input_ids) if head_grad is None else TiedEmbedding.apply(input_ids, embed.weight, head_grad)
         cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
         mask = None if document_ids is None else document_mask(document_ids)
         for block in self.model.layers.values():
@@ -292,7 +342,18 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         if labels is None:
             return self.lm_head(h)
-        return chunked_cross_entropy(h, self.lm_head, labels)
+        return chunked_cross_entropy(h, self.lm_head, labels, weight_grad_to=head_grad)
+
+    def hands_head_grad_to_embedding(self) -> bool:
+        """Whether the loss's head gradient goes to a ``TiedEmbedding``: a tied weight that trains, not
+        a DTensor (tensor parallelism shards the embedding and the head differently)."""
+        weight = self.model.embed_tokens.weight
+        return (
+            self.lm_head.weight is weight
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and not isinstance(weight, DTensor)
+        )
 
     def moe_aux_loss(self) -> torch.Tensor:
         """Mean load-balancing loss of the MoE layers in the last forward (0 without experts); the
