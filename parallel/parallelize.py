@@ -107,13 +107,7 @@ def apply_compile(model: Transformer, mode: str) -> None:
     ``Module.compile`` works in place, keeping parameter names, and FSDP2's hooks stay outside the
     graph. Not ``fullgraph``: code the compiler cannot trace runs eagerly instead of failing the job.
     ``mode`` is torch.compile's (``compile_mode``): reduce-overhead replays each block as a CUDA graph.
-
-    Inductor fuses RMSNorm's backward (the input's gradient, a row reduction) with its weight's gradient
-    (a column reduction, summed in splits); timing the split size, rather than a fixed guess, halved the
-    splits' final sums on an H100 (16 -> 8 us each, two a block). Set process-wide, not as a compile
-    option: the timing runs at the kernel's first call, after compilation has restored its options.
     """
-    torch._inductor.config.triton.mix_order_reduction_autotune_split_size = True
     for block in model.model.layers.values():
         block.compile(mode=mode)
 
