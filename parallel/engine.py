@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from parallel.expert_parallel import clip_grad_norm_, grad_norm
 from parallel.mesh import World
 from trainkit.moe import Experts
-from trainkit.optim import TritonAdamW, build_optimizer, lr_lambda
+from trainkit.optim import build_optimizer, lr_lambda
 from trainkit.spec import JobSpec
 
 
@@ -88,7 +88,7 @@ class TorchEngine:
         clip = self.spec.cfg.optim.grad_clip
         if not self.skips_on_device:
             return clip_grad_norm_(self.trained, clip if clip > 0 else math.inf)
-        norm = self.optimizer.grad_norm() if isinstance(self.optimizer, TritonAdamW) else grad_norm(self.trained)
+        norm = grad_norm(self.trained)
         if clip > 0:  # clip_grads_with_norm_'s factor min(1, clip / (norm + 1e-6)), as a divisor
             self.optimizer.grad_scale = ((norm.float() + 1e-6) / clip).clamp(min=1.0)  # the kernel reads float32
         return norm

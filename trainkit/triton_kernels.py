@@ -15,9 +15,6 @@ import triton.language as tl
 VOCAB_BLOCK = 4096
 # Elements per AdamW program: 4 a thread at 8 warps. More per thread ran slower on an H100 (registers).
 ADAMW_BLOCK = 1024
-# Elements per sum-of-squares program: SQUARES_ITERS loads of SQUARES_BLOCK (8 KiB of bf16 each), one
-# partial sum written; a 1B model's gradients make ~19k programs.
-SQUARES_BLOCK, SQUARES_ITERS = 4096, 16
 
 
 @triton.jit
@@ -187,34 +184,3 @@ def adamw_step(
             BLOCK=ADAMW_BLOCK,
             num_warps=8,
         )
-
-
-@triton.jit
-def _sum_squares_kernel(x_ptr, partials_ptr, first_slot, numel, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Each program: the float32 sum of squares of its BLOCK * ITERS elements, into its own slot."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
-    cols = tl.arange(0, BLOCK)
-    total = tl.zeros([BLOCK], tl.float32)
-    for i in range(ITERS):
-        offsets = start + i * BLOCK + cols
-        x = tl.load(x_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
-        total += x * x
-    tl.store(partials_ptr + first_slot + tl.program_id(0), tl.sum(total, 0))
-
-
-def total_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The L2 norm of all ``tensors`` (contiguous, on ``device``) in float32: one kernel per tensor writes
-    a partial sum of squares per program, one sum adds them, so the result does not depend on scheduling."""
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("total_norm needs contiguous tensors")
-    chunk = SQUARES_BLOCK * SQUARES_ITERS
-    counts = [triton.cdiv(t.numel(), chunk) for t in tensors]
-    partials = torch.empty(sum(counts), dtype=torch.float32, device=device)
-    first_slot = 0
-    for t, count in zip(tensors, counts):
-        if count:
-            _sum_squares_kernel[(count,)](
-                t, partials, first_slot, t.numel(), BLOCK=SQUARES_BLOCK, ITERS=SQUARES_ITERS, num_warps=8
-            )
-        first_slot += count
-    return partials.sum().sqrt()
