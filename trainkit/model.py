@@ -245,12 +245,16 @@ class TiedEmbedding(torch.autograd.Function):
 
 def add_rows_(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out[index[i]] += rows[i]`` for every i, the rows of a repeated index summed in float32 and
-    added with one rounding. On CUDA ``index_put_``'s accumulation: it sorts the indices and each
-    index's rows are summed into a float32 copy of its row of ``out``, no atomics, no host
-    synchronisation. Elsewhere (tests, CPU runs) through a float32 copy of ``out``."""
-    if out.is_cuda:
-        return out.index_put_((index,), rows, accumulate=True)
-    return out.copy_(out.float().index_add_(0, index, rows.float()))
+    added with one rounding, without a host synchronisation: a sort groups equal indices into
+    segments, one float32 sum per segment, and every position of a segment stores the same new row
+    (plain stores: CUDA's accumulating ``index_put_`` took 0.6 ms for 8k rows of 2048 on an H100)."""
+    sorted_index, order = index.sort()
+    starts = torch.ones_like(sorted_index, dtype=torch.bool)
+    starts[1:] = sorted_index[1:] != sorted_index[:-1]
+    segment = starts.cumsum(0) - 1
+    sums = rows.new_zeros(rows.shape, dtype=torch.float32).index_add_(0, segment, rows[order].float())
+    out[sorted_index] = (out[sorted_index].float() + sums[segment]).to(out.dtype)
+    return out
 
 
 def chunked_cross_entropy(
