@@ -95,7 +95,7 @@ def test_nonfinite_steps_are_skipped(cache_dir, tmp_path, capsys, fused):
     trainer = Trainer(spec_for(cache_dir, *job))
     assert trainer.engine.skips_on_device == fused
     loss_sum = trainer._loss_sum
-    trainer._loss_sum = lambda batch: loss_sum(batch) * (math.nan if trainer.step == 1 else 1.0)
+    trainer._loss_sum = lambda *args: loss_sum(*args) * (math.nan if trainer.step == 1 else 1.0)
     model = unwrap(trainer.engine.model)
     model.lm_head.weight.register_hook(lambda grad: grad * math.inf if trainer.step == 2 else grad)
     trainer.fit(stop_at=1)

@@ -96,6 +96,30 @@ def check_against_full_logits(head_trains, tied, param_dtype, autocast):
         torch.testing.assert_close(loss, reference_loss(hidden, head, labels), **tol)
 
 
+@pytest.mark.parametrize("multiplier", [1.0, 3.0], ids=["as_expected", "another_gradient"])
+@PRECISIONS
+def test_expected_grad_is_a_hint(multiplier, param_dtype, autocast):
+    """Gradients computed times ``expected_grad`` in forward equal those computed without it, whether
+    backward brings that gradient (nothing left to scale) or another one (scaled by their ratio)."""
+    embed, head, ids, labels = tied_setup(True, True, param_dtype)
+    expected = torch.tensor(1 / 70)
+
+    def loss_and_grad(**hint):
+        embed.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = chunked_cross_entropy(embed(ids), head, labels, chunk_elements=50 * 8, **hint)
+        (loss * expected * multiplier).backward()
+        return loss.detach(), embed.weight.grad
+
+    want_loss, want = loss_and_grad()
+    got_loss, got = loss_and_grad(expected_grad=expected)
+    assert torch.equal(got_loss, want_loss)
+    tol = dict(TOLERANCE[torch.bfloat16 if param_dtype != torch.float32 or autocast else torch.float32])
+    if "atol" in tol:
+        tol["atol"] *= multiplier  # bfloat16 steps of gradients `multiplier` times larger
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_model_loss_equals_full_logits_loss(tied, autocast):

@@ -238,7 +238,7 @@ def run_traced(cache_dir: Path, out: Path, job: list[str], ahead: bool) -> tuple
     queue_step, finish_step, loss_sum = trainer._queue_step, trainer._finish_step, trainer._loss_sum
     trainer._queue_step = lambda step: order.append(f"q{step + 1}") or queuing.append(step) or queue_step(step)
     trainer._finish_step = lambda queued: order.append(f"f{trainer.step + 1}") or finish_step(queued)
-    trainer._loss_sum = lambda batch: loss_sum(batch) * (math.nan if queuing[-1:] == [3] else 1.0)
+    trainer._loss_sum = lambda *args: loss_sum(*args) * (math.nan if queuing[-1:] == [3] else 1.0)
     trainer.fit()
     trainer.close()
     timings = ("time_", "step_time_s", "tokens_per_s", "mfu")

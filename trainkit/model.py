@@ -172,7 +172,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     hidden gradient and add into the weight's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int, grad_enabled: bool, weight_grad_to: list | None):
+    def forward(ctx, hidden, weight, labels, chunk_rows, grad_enabled, weight_grad_to, expected_grad):
         device = hidden.device.type
         # Autocast's matmul dtype, applied by hand (autocast is off below). ``.to`` is a no-op where the
         # dtype already matches; a float32 master weight gets one low-precision copy for the whole loss.
@@ -193,7 +193,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, n, chunk_rows):
                 h, target = hidden[i : i + chunk_rows].to(dtype), labels[i : i + chunk_rows]
                 dlogits = torch.mm(h, w.t(), out=logits[: len(h)])
-                loss += cross_entropy_grad_(dlogits, target).sum()  # now the logits' gradient
+                loss += cross_entropy_grad_(dlogits, target, expected_grad).sum()  # now the logits' gradient
                 ignored = (target == -100)[:, None]  # zeroed on [rows, hidden], not [rows, vocab]
                 if need_h:
                     grad_h[i : i + chunk_rows] = (dlogits @ w).masked_fill_(ignored, 0)
@@ -201,24 +201,36 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(dlogits.t(), h.masked_fill(ignored, 0), beta=int(i > 0))
         # Attributes, not saved tensors: gradients, not activations, so activation offloading leaves them.
         ctx.grads, ctx.dtypes = (grad_h, grad_w), (hidden.dtype, weight.dtype)
-        ctx.weight_grad_to = weight_grad_to
+        ctx.weight_grad_to, ctx.expected_grad = weight_grad_to, expected_grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
-        # In place: they are used once (the trainer never backpropagates this graph twice). The foreach
-        # kernel reads the device scalar once per block; ``mul_`` broadcasts it per element, at half the
-        # bandwidth on the head's gradient.
+        # In place: they are used once (the trainer never backpropagates this graph twice). Computed
+        # times ``expected_grad`` already: when that is the gradient that arrives, the factor is 1.
+        factor = grad_loss if ctx.expected_grad is None else grad_loss / ctx.expected_grad
         scaled = [g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)]
         for g in scaled:
             if g is not None:
-                torch._foreach_mul_([g], grad_loss.to(g.dtype))
+                scale_grad_(g, factor)
         grad_h, grad_w = scaled
         if ctx.weight_grad_to is not None:  # a tied embedding's backward adds its rows and returns it
             ctx.weight_grad_to.append(grad_w)
             grad_w = None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """``grad *= factor`` (a float32 scalar on its device) in place. On CUDA a Triton kernel that
+    skips a factor of 1 (a launch instead of a pass over a 128k-vocabulary head's gradient, ~0.5 ms on
+    an H100); elsewhere a foreach kernel, which reads the scalar once per block, not per element."""
+    if grad.is_cuda:
+        from trainkit.triton_kernels import scale_  # triton loads on the first CUDA call
+
+        scale_(grad, factor)
+    else:
+        torch._foreach_mul_([grad], factor.to(grad.dtype))
 
 
 class TiedEmbedding(torch.autograd.Function):
@@ -263,13 +275,23 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_elements: int = LOSS_CHUNK_ELEMENTS,
     weight_grad_to: list | None = None,
+    expected_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``labels`` (-100 ignored), a few hundred or
     thousand tokens at a time, so the full [tokens, vocab] logits (and any float32 copy) never exist.
-    With ``weight_grad_to`` (a ``TiedEmbedding``'s list) the head's gradient goes there, not to autograd."""
+    With ``weight_grad_to`` (a ``TiedEmbedding``'s list) the head's gradient goes there, not to autograd.
+    ``expected_grad``: the gradient the caller will backpropagate into the loss (a float32 scalar on the
+    device, such as 1 / tokens); the gradients are computed times it, so backward has nothing to
+    scale when it arrives. A hint only: any other gradient is still applied exactly."""
     chunk_rows = max(1, chunk_elements // head.out_features)
     return LinearCrossEntropy.apply(
-        hidden.flatten(0, -2), head.weight, labels.flatten(), chunk_rows, torch.is_grad_enabled(), weight_grad_to
+        hidden.flatten(0, -2),
+        head.weight,
+        labels.flatten(),
+        chunk_rows,
+        torch.is_grad_enabled(),
+        weight_grad_to,
+        expected_grad,
     )
 
 
@@ -319,9 +341,11 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        expected_grad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [batch, seq], or with ``labels`` (same shape, pre-shifted, -100
-        ignored) their summed cross-entropy, computed in chunks so full logits never exist.
+        ignored) their summed cross-entropy, computed in chunks so full logits never exist
+        (``expected_grad``: ``chunked_cross_entropy``'s).
 
         ``position_ids`` restart at 0 for each packed document; ``document_ids`` (same shape) limit
         attention to tokens of the same document. Without them a row is one causal sequence.
@@ -341,7 +365,7 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         if labels is None:
             return self.lm_head(h)
-        return chunked_cross_entropy(h, self.lm_head, labels, weight_grad_to=head_grad)
+        return chunked_cross_entropy(h, self.lm_head, labels, weight_grad_to=head_grad, expected_grad=expected_grad)
 
     def hands_head_grad_to_embedding(self) -> bool:
         """Whether the loss's head gradient goes to a ``TiedEmbedding``: a tied weight that trains, not

@@ -147,13 +147,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.spec.device_type, dtype=dtype)
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy of one micro-batch; labels come pre-shifted from the data pipeline."""
+    def _loss_sum(self, batch: dict[str, torch.Tensor], expected_grad: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed cross-entropy of one micro-batch; labels come pre-shifted from the data pipeline.
+        ``expected_grad``: what backward will bring to it, for the model to compute its gradients with."""
         packed = self.spec.cfg.data.pack
         inputs = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"] if packed else None}
         with self._autocast():
             if self.spec.dims.tp == 1:  # the model computes the loss in chunks: no full logits
-                return self.engine.model(batch["input_ids"], labels=batch["labels"], **inputs)
+                return self.engine.model(
+                    batch["input_ids"], labels=batch["labels"], expected_grad=expected_grad, **inputs
+                )
             logits = self.engine.model(batch["input_ids"], **inputs)
         # Vocabulary-sharded logits under tensor parallelism: loss_parallel gives a replicated DTensor.
         loss = F.cross_entropy(
@@ -214,6 +217,9 @@ class Trainer:
         # over every label token of the global batch. TP ranks share a batch and a loss. A device
         # tensor, so that the step reads nothing back before its end.
         scale = (self.spec.dp_size / label_tokens[0]).float()
+        # The loss computes its gradients times ``scale`` (backward then has no pass of its own to make),
+        # but not in float16, where the logits' gradient so scaled would underflow (a GradScaler's job).
+        expected_grad = None if self.spec.compute_dtype == torch.float16 else scale
         losses = torch.zeros(2, dtype=torch.float64, device=world.device)  # CE and MoE aux, summed
         slots = [0, 0]  # MoE token-slots dropped over capacity, and routed
         aux_weight = self.spec.cfg.model.router_aux_loss_coef / t.grad_accum_steps
@@ -222,7 +228,7 @@ class Trainer:
             self.engine.set_gradient_sync(i == len(batches) - 1)
             with loss_context(self.spec), activation_offload(self.spec.cfg.ac, world.device):
                 with timer.phase("forward"):
-                    loss = self._loss_sum(batch)
+                    loss = self._loss_sum(batch, expected_grad)
                     aux = model.moe_aux_loss()  # the load balance of this micro-batch's routing; 0 if dense
                 with timer.phase("backward"):
                     self.engine.backward(loss * scale + aux * aux_weight)

@@ -13,6 +13,8 @@ import triton.language as tl
 
 # Logits per loop iteration of a row: 8 KiB of bf16 read per iteration, 16 values a thread at 8 warps.
 VOCAB_BLOCK = 4096
+# Elements per scaling program: 16 a thread at 8 warps.
+SCALE_BLOCK = 4096
 # Elements per AdamW program: 4 a thread at 8 warps. More per thread ran slower on an H100 (registers).
 ADAMW_BLOCK = 1024
 
@@ -31,10 +33,11 @@ def to_output(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, vocab, row_stride, BLOCK: tl.constexpr):
+def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, vocab, row_stride, BLOCK: tl.constexpr):
     """One program per row. Pass 1 reads the row once for its log-sum-exp (a running maximum and sum
     per lane, merged at the end); pass 2 reads it again and writes exp(logit - lse), minus 1 at the
-    target, over it. All arithmetic in float32, one rounding to the logits' dtype."""
+    target, times the scale where given, over it. All arithmetic in float32, one rounding to the
+    logits' dtype."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * row_stride
     cols = tl.arange(0, BLOCK)
@@ -55,14 +58,15 @@ def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, vocab, row_s
     target_logit = tl.load(logits_ptr + target).to(tl.float32)  # before pass 2 overwrites it
     tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - target_logit))
 
+    scale = 1.0 if scale_ptr is None else tl.load(scale_ptr)
     for start in range(0, vocab, BLOCK):
         mask = start + cols < vocab
         p = tl.exp(tl.load(logits_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) - lse)
         p = tl.where(start + cols == target, p - 1.0, p)
-        tl.store(logits_ptr + start + cols, to_output(p, logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(logits_ptr + start + cols, to_output(p * scale, logits_ptr.dtype.element_ty), mask=mask)
 
 
-def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``trainkit.cross_entropy.cross_entropy_grad_`` in one launch: row losses, gradient in place."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -70,7 +74,9 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         block = min(VOCAB_BLOCK, triton.next_power_of_2(vocab))
-        _cross_entropy_grad_kernel[(rows,)](logits, targets, losses, vocab, logits.stride(0), BLOCK=block, num_warps=8)
+        _cross_entropy_grad_kernel[(rows,)](
+            logits, targets, losses, scale, vocab, logits.stride(0), BLOCK=block, num_warps=8
+        )
     return losses
 
 
@@ -184,3 +190,24 @@ def adamw_step(
             BLOCK=ADAMW_BLOCK,
             num_warps=8,
         )
+
+
+@triton.jit
+def _scale_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
+    """``x *= factor`` in float32, one rounding; where the factor is exactly 1 nothing is loaded or stored."""
+    factor = tl.load(factor_ptr)
+    numel = tl.where(factor == 1.0, 0, numel)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(x_ptr + offsets, to_output(x * factor, x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x`` (contiguous) times ``factor`` (a float32 scalar tensor on its device), in place, without
+    a host synchronisation: a factor of 1 costs a launch, not a pass over ``x``."""
+    if not x.is_contiguous():
+        raise ValueError("scale_ needs a contiguous tensor")
+    if x.numel():
+        _scale_kernel[(triton.cdiv(x.numel(), SCALE_BLOCK),)](x, factor, x.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+    return x
