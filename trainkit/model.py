@@ -165,7 +165,8 @@ LOSS_GROUP_BYTES = 2**29
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` with the gradients of the hidden states and (when
     it trains) of the weight computed in the same pass: logits are neither kept nor recomputed, and
-    backward only scales the gradients made here.
+    backward only scales the gradients made here (by the incoming gradient over ``expected_grad``, the
+    one they were computed with: nothing to do when the two are equal).
 
     Per chunk of rows, the logits go into one buffer in the compute dtype, ``cross_entropy_grad_``
     turns them into their gradient in place (float32 softmax inside), and two matmuls give the rows'

@@ -197,7 +197,7 @@ def adamw_step(
 @triton.jit
 def _scale_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
     """``x *= factor`` in float32, one rounding, each program striding over blocks; where the factor is
-    exactly 1 no block is visited: a few hundred programs exit, not one per block."""
+    exactly 1 no block is visited: at most SCALE_PROGRAMS programs exit, not one per block."""
     factor = tl.load(factor_ptr)
     numel = tl.where(factor == 1.0, 0, numel)
     cols = tl.arange(0, BLOCK)
