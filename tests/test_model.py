@@ -88,7 +88,10 @@ def check_against_full_logits(head_trains, tied, param_dtype, autocast):
         torch.testing.assert_close(g, w, **tol)
     for p, w in zip(params, want_grads):
         assert p.grad.dtype == p.dtype
-        torch.testing.assert_close(p.grad.float(), w.float(), **tol)
+        # A gradient summed over tokens in bfloat16 is off by steps of its largest terms, not of itself
+        # where they cancel: torch 2.11's CPU kernels put one element of the vector's 0.002 (4 %) off.
+        grad_tol = {**tol, "atol": max(tol["atol"], 2**-8 * w.abs().max().item())} if low else tol
+        torch.testing.assert_close(p.grad.float(), w.float(), **grad_tol)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         hidden = embed(ids) * scale
         loss = chunked_cross_entropy(hidden, head, labels, chunk_elements=50 * 8)
