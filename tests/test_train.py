@@ -267,8 +267,11 @@ def test_steps_queued_ahead_record_as_steps_one_at_a_time(cache_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "precision, tolerance",
-    [([], 1e-5), (["precision=bf16", "precision.param_dtype=bfloat16"], 2e-3)],
-    ids=["fp32", "bf16_weights"],  # bf16: clipping before the step rounds the clipped gradients to bf16
+    # bf16: clipping before the step rounds the clipped gradients to bf16, and the logged norm is a bf16
+    # value, so the two runs may differ by one bf16 step (2**-7 relative at most; torch 2.11 put step 5's
+    # norms one apart, 0.56 %). Clipping skipped in either run would move them by far more (norms ~28x the clip).
+    [([], 1e-5), (["precision=bf16", "precision.param_dtype=bfloat16"], 2**-7)],
+    ids=["fp32", "bf16_weights"],
 )
 def test_fused_adamw_clips_inside_its_step_as_clipping_before_it(cache_dir, tmp_path, precision, tolerance):
     """optim.fused=true divides the gradients by the clip factor inside AdamW's kernel (``grad_scale``),
