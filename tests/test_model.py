@@ -155,8 +155,8 @@ def test_model_loss_equals_full_logits_loss(tied, autocast):
 
 
 def test_add_rows_sums_a_repeated_index_in_float32_and_adds_once():
-    """The rows of one index summed in float32 and added with one rounding (CUDA's ``index_put_``
-    accumulation). Summed in bfloat16, 500 rows of one index would drift far from this."""
+    """The rows of one index summed in float32 and added with one rounding. Added one by one in
+    bfloat16, 500 rows of one index drift away from this."""
     torch.manual_seed(0)
     out = torch.randn(10, 8).bfloat16()
     index = torch.tensor([3] * 500 + [7, 0, 7, 9])
